@@ -1,0 +1,951 @@
+"""GRPO for a speech-aware language model, in one file.
+
+A minimal implementation of "Advancing Speech Understanding in Speech-Aware Language Models with
+GRPO" (Elmakies et al., arXiv 2509.16990). A speech-aware LLM (speech encoder -> projector ->
+LLM; Granite Speech here, as in the paper) answers open-ended speech tasks, and instead of
+supervised fine-tuning (SFT) it is trained with Group Relative Policy Optimization: sample a
+group of G answers per prompt, score each with sentence BLEU against the reference, and push up
+the answers that beat their group's average. MP-GRPO puts the reference itself into each group
+as an off-policy sample.
+
+    python grpo_speech.py --task ast                  # toy En->De speech translation, CPU
+    python grpo_speech.py --task sqa --algo mp_grpo   # toy spoken QA with Mixed-Policy GRPO
+    python grpo_speech.py --task ast --algo sft       # the SFT baseline, same data and budget
+    python grpo_speech.py --help
+
+The file reads top to bottom in the order data flows:
+
+    0. Config         every option, with the paper's names and defaults
+    1. Data           JSONL manifests, audio loading, prompts
+    2. Model          Granite Speech from transformers; audio encoded once per prompt
+    3. Sampling       a group of G completions per prompt (the rollout)
+    4. Reward         sentence BLEU (and chrF, TER, ROUGE-L) in [0, 1]
+    5. Advantages     A_i = (r_i - mean(r)) / (std(r) + eps) within each group
+    6. Loss           token log-probs, the clipped GRPO objective with a k3 KL penalty
+    7. MP-GRPO        inject the ground-truth answer into each group, off-policy
+    8. Evaluation     corpus BLEU and chrF with sacrebleu, sampled and greedy
+    9. Training loop  GRPO / MP-GRPO / SFT steps, checkpoints, metrics, timing
+   10. CLI            argument parsing and the summary table
+
+Sections 4-7 are pure functions over tensors (no globals): each can be copied into another
+trainer alone. Shapes use B = sequences, P = prompts, G = group size, T = completion tokens,
+L = prompt tokens, V = vocabulary.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+import wave
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent
+DATA_DIR = ROOT / "data"
+
+
+# =============================================================================================
+# 0. Config
+# =============================================================================================
+@dataclass
+class Config:
+    # --- what to train ---
+    task: str = field(default="ast", metadata={"help": "ast (speech translation En->De) or sqa (spoken question answering)"})
+    algo: str = field(default="grpo", metadata={"help": "grpo, mp_grpo (reference injected into each group) or sft (the supervised baseline)"})
+    model: str = field(default=str(DATA_DIR / "granite-speech-tiny"), metadata={"help": "checkpoint directory or hub id (e.g. ibm-granite/granite-speech-3.3-2b)"})
+    train: str = field(default="", metadata={"help": "training manifest (JSONL); default data/<task>/train.jsonl"})
+    test: str = field(default="", metadata={"help": "evaluation manifest (JSONL); default data/<task>/test.jsonl"})
+    output_dir: str = field(default="", metadata={"help": "where metrics, checkpoints and the final model go; default runs/<task>-<algo>-seed<seed>"})
+    reward: str = field(default="bleu", metadata={"help": "reward metric: bleu, chrf, ter or rouge_l (paper: bleu)"})
+    # --- GRPO (paper section 3) ---
+    group_size: int = field(default=8, metadata={"help": "G, completions sampled per prompt (paper: 8)"})
+    beta: float = field(default=0.02, metadata={"help": "weight of the KL penalty to the reference model (paper: 0.02)"})
+    eps: float = field(default=0.2, metadata={"help": "PPO clip range: ratios outside [1-eps, 1+eps] get no gradient"})
+    eps_high: float = field(default=-1.0, metadata={"help": "upper clip range if different from eps (DAPO's clip-higher); -1 = eps"})
+    loss_type: str = field(default="dapo", metadata={"help": "token aggregation: dapo (paper), grpo (per-sequence mean) or dr_grpo"})
+    scale_rewards: str = field(default="group", metadata={"help": "advantage scaling: group std (paper), batch std, or none (Dr. GRPO)"})
+    num_iterations: int = field(default=1, metadata={"help": "policy updates per sampled batch (mu); 1 makes the ratio exactly 1"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature during training (paper: 1.0)"})
+    max_completion_length: int = field(default=48, metadata={"help": "most tokens sampled per answer (paper: 200; toy answers are short)"})
+    policy_shaping: float = field(default=0.0, metadata={"help": "MP-GRPO: LUFFY's f(p) = p / (p + gamma) on off-policy tokens with this gamma; 0 = off (paper)"})
+    # --- optimisation ---
+    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=4, metadata={"help": "prompts per step (each sampled G times)"})
+    sft_batch_size: int = field(default=0, metadata={"help": "SFT examples per step; 0 = batch_size * group_size, the sequences of one GRPO step"})
+    lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "share of steps with linear learning-rate warm-up"})
+    lr_scheduler: str = field(default="constant_with_warmup", metadata={"help": "any transformers scheduler name (constant_with_warmup, cosine, linear)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    train_audio: bool = field(default=False, metadata={"help": "also train the speech encoder and projector (SFT only; used to pretrain the toy base)"})
+    # --- evaluation (paper: sampling with top-p 0.9, temperature 0.9) ---
+    eval_temperature: float = field(default=0.9, metadata={"help": "sampling temperature for evaluation"})
+    eval_top_p: float = field(default=0.9, metadata={"help": "nucleus sampling top-p for evaluation"})
+    eval_batch_size: int = field(default=50, metadata={"help": "clips per evaluation batch"})
+    eval_limit: int = field(default=0, metadata={"help": "evaluate on the first N test clips only; 0 = all"})
+    skip_base_eval: bool = field(default=False, metadata={"help": "do not evaluate the model before training"})
+    # --- running ---
+    seed: int = field(default=0, metadata={"help": "seed for data order, sampling and initialisation"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
+    dtype: str = field(default="auto", metadata={"help": "float32, bfloat16 or auto (float32 on CPU, bfloat16 on GPU)"})
+    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved final model: auto (as trained), float32 or bfloat16"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = all cores"})
+    log_every: int = field(default=10, metadata={"help": "print a metrics line every N steps"})
+    save_every: int = field(default=0, metadata={"help": "write a resumable checkpoint every N steps; 0 = only at the end"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many step checkpoints to keep"})
+    resume: str = field(default="", metadata={"help": "continue from a checkpoint directory, or 'last' for the newest in output_dir"})
+    examples: int = field(default=3, metadata={"help": "example predictions to print after evaluation"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow a checkpoint's own Python code (off: only transformers' classes run)"})
+
+
+TASK_NAMES = ("ast", "sqa")
+ALGOS = ("grpo", "mp_grpo", "sft")
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
+SCALES = ("group", "batch", "none")
+
+
+class UsageError(ValueError):
+    """A bad option or input file: reported as one line, without a traceback."""
+
+
+def check_config(cfg: Config) -> Config:
+    """Reject bad options before any model is loaded; fill in the defaults that depend on others."""
+    if cfg.task not in TASK_NAMES:
+        raise UsageError(f"unknown --task {cfg.task!r}: choose one of {', '.join(TASK_NAMES)}")
+    if cfg.algo not in ALGOS:
+        raise UsageError(f"unknown --algo {cfg.algo!r}: choose one of {', '.join(ALGOS)}")
+    if cfg.reward not in REWARDS:
+        raise UsageError(f"unknown --reward {cfg.reward!r}: choose one of {', '.join(REWARDS)}")
+    if cfg.loss_type not in LOSS_TYPES:
+        raise UsageError(f"unknown --loss_type {cfg.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
+    if cfg.scale_rewards not in SCALES:
+        raise UsageError(f"unknown --scale_rewards {cfg.scale_rewards!r}: choose one of {', '.join(SCALES)}")
+    if cfg.algo != "sft" and cfg.group_size < 2:
+        raise UsageError(f"--group_size {cfg.group_size}: GRPO compares answers within a group, it needs at least 2")
+    if cfg.algo != "sft" and cfg.train_audio:
+        raise UsageError("--train_audio works with --algo sft only: GRPO encodes each clip once, without gradients")
+    for name in ("steps", "batch_size", "eval_batch_size", "max_completion_length", "num_iterations"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if not 0 < cfg.eps < 1 or cfg.beta < 0 or cfg.temperature <= 0 or cfg.eval_temperature <= 0:
+        raise UsageError("need 0 < eps < 1, beta >= 0, temperature > 0 and eval_temperature > 0")
+    cfg.sft_batch_size = cfg.sft_batch_size or cfg.batch_size * cfg.group_size
+    if cfg.eps_high < 0:
+        cfg.eps_high = cfg.eps
+    cfg.train = cfg.train or str(DATA_DIR / cfg.task / "train.jsonl")
+    cfg.test = cfg.test or str(DATA_DIR / cfg.task / "test.jsonl")
+    cfg.output_dir = cfg.output_dir or str(ROOT / "runs" / f"{cfg.task}-{cfg.algo}-seed{cfg.seed}")
+    for name in ("train", "test"):
+        if not Path(getattr(cfg, name)).is_file():
+            raise UsageError(f"--{name} {getattr(cfg, name)}: manifest file not found")
+    if not Path(cfg.model).is_dir() and not re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.model):
+        raise UsageError(f"--model {cfg.model}: no such checkpoint directory (nor a hub id like org/name)")
+    return cfg
+
+
+# =============================================================================================
+# 1. Data: manifests, audio, prompts
+# =============================================================================================
+# A manifest is JSONL, one example per line (data/README.md): "audio" (path relative to the
+# manifest), the task's text fields, and optionally "task" to mix tasks in one file (used for the
+# toy base model's pretraining mix). The prompts are the paper's.
+TASKS = {
+    "ast": {"prompt": "<|audio|> listen to the speech and translate it into German.",
+            "fields": ("translation",), "references": lambda ex: ex["translation"]},
+    "sqa": {"prompt": "Listen to the audio <|audio|> and answer the following question: {question}",
+            "fields": ("question", "answer"), "references": lambda ex: ex["answer"]},
+    "asr": {"prompt": "<|audio|>can you transcribe the speech into a written format?",
+            "fields": ("text",), "references": lambda ex: [ex["text"]]},
+}
+SAMPLING_RATE = 16_000
+MAX_AUDIO_SECONDS = 60.0
+
+
+def load_manifest(path: str | Path, default_task: str) -> list[dict]:
+    """Read and check a JSONL manifest. Each error names the file and line."""
+    path = Path(path)
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UsageError(f"{where}: not valid JSON ({error.msg})") from None
+            if not isinstance(example, dict):
+                raise UsageError(f"{where}: expected a JSON object")
+            task = example.setdefault("task", default_task)
+            if task not in TASKS:
+                raise UsageError(f"{where}: unknown task {task!r}")
+            for name in ("audio",) + TASKS[task]["fields"]:
+                if name not in example:
+                    raise UsageError(f"{where}: missing field {name!r}")
+            for name in ("translation", "answer"):
+                if name in example and isinstance(example[name], str):
+                    example[name] = [example[name]]          # one reference may be a plain string
+            references = TASKS[task]["references"](example)
+            if not references or any(not isinstance(r, str) or not r.strip() for r in references):
+                raise UsageError(f"{where}: empty reference text")
+            example["audio_path"] = str((path.parent / example["audio"]).resolve())
+            example["where"] = where
+            examples.append(example)
+    if not examples:
+        raise UsageError(f"{path}: manifest has no examples")
+    return examples
+
+
+def ensure_audio(examples: list[dict]) -> None:
+    """Check that every clip exists. The bundled toy data is synthesized on first use (its
+    manifests carry eSpeak NG recipes, see data/make_data.py); a user's missing file is an error."""
+    missing = [ex for ex in examples if not os.path.isfile(ex["audio_path"])]
+    toy = [ex for ex in missing if Path(ex["audio_path"]).is_relative_to(DATA_DIR)]
+    if toy:
+        subprocess.run([sys.executable, str(DATA_DIR / "make_data.py"), "--synthesize"], check=True)
+        missing = [ex for ex in missing if not os.path.isfile(ex["audio_path"])]
+    if missing:
+        raise UsageError(f"{missing[0]['where']}: audio file not found: {missing[0]['audio_path']}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def read_wav(path: str) -> tuple[torch.Tensor, int]:
+    """PCM WAV with the standard library: (channels, samples) float in [-1, 1], sample rate."""
+    with wave.open(path, "rb") as f:
+        channels, width, rate = f.getnchannels(), f.getsampwidth(), f.getframerate()
+        frames = f.readframes(f.getnframes())
+    if width == 3:                                     # 24-bit: widen to 32-bit little endian
+        frames = b"".join(b"\0" + frames[i:i + 3] for i in range(0, len(frames), 3))
+        width = 4
+    dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[width]
+    samples = torch.frombuffer(bytearray(frames), dtype=dtype).float()
+    if width == 1:
+        samples = (samples - 128.0) / 128.0            # 8-bit WAV is unsigned
+    else:
+        samples = samples / float(2 ** (8 * width - 1))
+    return samples.view(-1, channels).T, rate
+
+
+def load_audio(path: str, where: str = "") -> torch.Tensor:
+    """Mono float32 waveform at 16 kHz, shape (samples,).
+
+    16-bit (and 8/24/32-bit) PCM WAV is read with the standard library; anything else (FLAC,
+    MP3, float WAV) needs the optional `soundfile` package. Stereo is averaged to mono; other
+    sample rates are resampled with torchaudio. Clips longer than MAX_AUDIO_SECONDS are an error
+    rather than silently truncated.
+    """
+    where = where or path
+    try:
+        try:
+            samples, rate = read_wav(path)
+        except (wave.Error, EOFError, KeyError):
+            try:
+                import soundfile
+            except ImportError:
+                raise UsageError(f"{where}: {path} is not PCM WAV; pip install soundfile to read it, "
+                                 "or convert it to 16-bit WAV") from None
+            data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+            samples = torch.from_numpy(data.T.copy())
+    except UsageError:
+        raise
+    except Exception as error:                        # unreadable, truncated, not audio at all
+        raise UsageError(f"{where}: cannot read audio {path} ({error})") from None
+    if samples.numel() == 0:
+        raise UsageError(f"{where}: audio {path} has no samples")
+    samples = samples.mean(dim=0)                      # (channels, n) -> (n,)
+    if rate != SAMPLING_RATE:
+        import torchaudio
+        samples = torchaudio.functional.resample(samples, rate, SAMPLING_RATE)
+    if samples.numel() > MAX_AUDIO_SECONDS * SAMPLING_RATE:
+        raise UsageError(f"{where}: audio is {samples.numel() / SAMPLING_RATE:.0f} s long, "
+                         f"more than the {MAX_AUDIO_SECONDS:.0f} s this script accepts; split it")
+    return samples
+
+
+def prompt_text(example: dict, tokenizer) -> str:
+    """The user turn in the checkpoint's own chat format, ready for the assistant's answer."""
+    content = TASKS[example["task"]]["prompt"].format(question=example.get("question", ""))
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def references_of(example: dict) -> list[str]:
+    return TASKS[example["task"]]["references"](example)
+
+
+@dataclass
+class Batch:
+    """P prompts: left-padded prompt tokens with <|audio|> expanded, and log-mel features."""
+    examples: list[dict]
+    input_ids: torch.Tensor            # (P, L)
+    attention_mask: torch.Tensor       # (P, L)
+    input_features: torch.Tensor       # (P, frames, 160)
+    audio_mask: torch.Tensor           # (P, audio tokens): which projector outputs are real
+
+    @property
+    def references(self) -> list[list[str]]:
+        return [references_of(ex) for ex in self.examples]
+
+
+def make_batch(examples: list[dict], processor, device) -> Batch:
+    audio = [load_audio(ex["audio_path"], ex["where"]) for ex in examples]
+    texts = [prompt_text(ex, processor.tokenizer) for ex in examples]
+    inputs = processor(text=texts, audio=audio, return_tensors="pt", padding=True)
+    return Batch(examples, inputs["input_ids"].to(device), inputs["attention_mask"].to(device),
+                 inputs["input_features"].to(device), inputs["input_features_mask"].to(device))
+
+
+def batch_at(examples: list[dict], step: int, batch_size: int, seed: int) -> list[dict]:
+    """Examples of step `step`: a fresh seeded shuffle every epoch, so that a resumed run sees
+    exactly the batches an uninterrupted one would."""
+    start = step * batch_size
+    chosen = []
+    while len(chosen) < batch_size:
+        epoch, offset = divmod(start + len(chosen), len(examples))
+        order = list(range(len(examples)))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        take = min(batch_size - len(chosen), len(examples) - offset)
+        chosen += [examples[i] for i in order[offset:offset + take]]
+    return chosen
+
+
+# =============================================================================================
+# 2. Model: Granite Speech from transformers
+# =============================================================================================
+def load_model(cfg: Config, device):
+    """Processor and GraniteSpeechForConditionalGeneration, loaded as for any HF checkpoint.
+
+    Weights load from safetensors only. The speech encoder and projector stay frozen and in eval
+    mode unless --train_audio: the conformer's BatchNorm and dropout would otherwise give the
+    rollout and the update different audio embeddings for the same clip (the paper trains the
+    LLM side; its released models put LoRA on the LLM only).
+    """
+    from transformers import GraniteSpeechForConditionalGeneration, GraniteSpeechProcessor
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+        cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    options = dict(trust_remote_code=cfg.trust_remote_code)
+    processor = GraniteSpeechProcessor.from_pretrained(cfg.model, **options)
+    processor.tokenizer.padding_side = "left"          # prompts are left-padded for generation
+    model = GraniteSpeechForConditionalGeneration.from_pretrained(
+        cfg.model, dtype=dtype, use_safetensors=True, **options).to(device)
+    if getattr(model, "_hf_peft_config_loaded", False):
+        model.enable_adapters()                         # real checkpoints: LoRA on for audio
+    model.eval()
+    audio_modules = [model.model.encoder, model.model.projector]
+    for module in audio_modules:
+        module.requires_grad_(cfg.train_audio)
+    return processor, model
+
+
+def set_train_mode(model, train_audio: bool) -> None:
+    """Dropout on for the LLM; the frozen encoder and projector stay deterministic."""
+    model.train()
+    if not train_audio:
+        model.model.encoder.eval()
+        model.model.projector.eval()
+
+
+def logits_scale(model) -> float:
+    """Granite LLMs divide their logits by text_config.logits_scaling (8 or 16 in the real
+    checkpoints), but GraniteSpeechForConditionalGeneration's own lm_head skips it: we apply it
+    in sampling and log-probs, or both would use a distribution that is far too sharp."""
+    return float(getattr(model.config.text_config, "logits_scaling", 1.0) or 1.0)
+
+
+def encode_audio(model, batch: Batch) -> torch.Tensor:
+    """Speech encoder + projector, once per prompt: (P, audio tokens, hidden)."""
+    return model.get_audio_features(batch.input_features.to(model.dtype)).pooler_output
+
+
+def embed(model, input_ids, audio_embeds, audio_mask) -> torch.Tensor:
+    """Token embeddings with the audio embeddings scattered into the <|audio|> positions."""
+    return model.model.get_merged_audio_embeddings(input_ids, audio_embeds, audio_mask)
+
+
+def completion_logits(model, prompt_ids, prompt_mask, audio_embeds, audio_mask, completion_ids):
+    """Logits that predict each completion token: (B, T, V).
+
+    The sequence is [left-padded prompt | completion]; positions count real tokens only, as in
+    `generate`, so the log-probs here are those of the distribution the rollout sampled from.
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, torch.ones_like(completion_ids)], dim=1)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    inputs_embeds = embed(model, input_ids, audio_embeds, audio_mask)
+    num_completion = completion_ids.shape[1]
+    logits = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                   position_ids=position_ids, logits_to_keep=num_completion + 1).logits
+    return logits[:, :-1] / logits_scale(model)        # the last position predicts nothing here
+
+
+# =============================================================================================
+# 3. Sampling: a group of G completions per prompt
+# =============================================================================================
+def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 for every token up to and including the first EOS (the model must learn to stop),
+    0 after it. A completion without EOS (cut at the length limit) keeps all its tokens.
+
+    completion_ids: (B, T) -> mask (B, T) float
+    """
+    is_eos = completion_ids == eos_token_id
+    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
+    first_eos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1),
+                            torch.full_like(is_eos[:, 0], completion_ids.shape[1], dtype=torch.long))
+    return (positions[None, :] <= first_eos[:, None]).float()
+
+
+@torch.no_grad()
+def sample(model, batch: Batch, audio_embeds, num_samples: int, max_new_tokens: int,
+           temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> torch.Tensor:
+    """Generate `num_samples` completions per prompt with the KV cache: (P * num_samples, T).
+
+    The audio is encoded once per prompt (`audio_embeds`) and generation starts from the merged
+    embeddings: `generate(input_features=...)` would run the encoder on every copy of a prompt.
+    Rows are grouped: completions of prompt p are rows p*G .. p*G + G-1.
+    """
+    from transformers import GenerationConfig, GenerationMixin
+    tokenizer_eos = model.config.text_config.eos_token_id
+    # logits_scaling folded into the temperature: softmax(z / s / T) = softmax(z / (s T)).
+    sampling = {} if greedy else dict(temperature=temperature * logits_scale(model), top_p=top_p,
+                                      top_k=0)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=not greedy, num_return_sequences=num_samples,
+        eos_token_id=tokenizer_eos, pad_token_id=model.config.text_config.pad_token_id,
+        suppress_tokens=[model.config.audio_token_id],   # the policy must not emit <|audio|>
+        **sampling)
+    inputs_embeds = embed(model, batch.input_ids, audio_embeds, batch.audio_mask)
+    # GenerationMixin.generate, not model.generate: Granite Speech's override switches a LoRA
+    # adapter off when no input_features are passed, which is what encode-once does.
+    completion_ids = GenerationMixin.generate(model, inputs_embeds=inputs_embeds,
+                                              attention_mask=batch.attention_mask,
+                                              generation_config=config)
+    if completion_ids.shape[1] == 0:
+        completion_ids = torch.full((inputs_embeds.shape[0] * num_samples, 1), tokenizer_eos,
+                                    device=inputs_embeds.device)
+    return completion_ids
+
+
+def decode(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    lengths = mask.sum(dim=1).long().tolist()
+    return [tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
+            for ids, n in zip(completion_ids.tolist(), lengths)]
+
+
+# =============================================================================================
+# 4. Reward: text similarity to the reference(s), in [0, 1]
+# =============================================================================================
+def bleu_rewards(completions: list[str], references: list[list[str]]) -> torch.Tensor:
+    """r_i = sentence BLEU(completion_i, references_i) / 100, with sacrebleu's sentence_bleu
+    settings (exponential smoothing, effective n-gram order). An empty completion scores 0.
+
+    completions: B strings; references: B lists of one or more strings -> (B,) float tensor
+    """
+    from sacrebleu.metrics import BLEU
+    bleu = BLEU(effective_order=True)
+    return torch.tensor([bleu.sentence_score(c, refs).score / 100.0 if c.strip() else 0.0
+                         for c, refs in zip(completions, references)])
+
+
+def chrf_rewards(completions: list[str], references: list[list[str]]) -> torch.Tensor:
+    """r_i = chrF(completion_i, references_i) / 100 (sacrebleu; character n-gram F-score)."""
+    from sacrebleu.metrics import CHRF
+    chrf = CHRF()
+    return torch.tensor([chrf.sentence_score(c, refs).score / 100.0 if c.strip() else 0.0
+                         for c, refs in zip(completions, references)])
+
+
+def ter_rewards(completions: list[str], references: list[list[str]]) -> torch.Tensor:
+    """r_i = max(0, 1 - TER_i / 100): TER counts edits per reference word (lower is better,
+    can exceed 100), so it is flipped and floored to make a reward in [0, 1]."""
+    from sacrebleu.metrics import TER
+    ter = TER()
+    return torch.tensor([max(0.0, 1.0 - ter.sentence_score(c, refs).score / 100.0)
+                         if c.strip() else 0.0 for c, refs in zip(completions, references)])
+
+
+def rouge_l_rewards(completions: list[str], references: list[list[str]]) -> torch.Tensor:
+    """r_i = max over references of the ROUGE-L F1 on lower-cased words:
+    F = 2 P R / (P + R), P = LCS / |completion|, R = LCS / |reference|.
+    (Written out here because none of this project's packages has ROUGE.)"""
+    def lcs(a, b):
+        row = [0] * (len(b) + 1)
+        for x in a:
+            previous_diagonal = 0
+            for j, y in enumerate(b, start=1):
+                previous_diagonal, row[j] = row[j], (previous_diagonal + 1 if x == y
+                                                     else max(row[j], row[j - 1]))
+        return row[-1]
+
+    def f1(hypothesis, reference):
+        h, r = hypothesis.lower().split(), reference.lower().split()
+        common = lcs(h, r)
+        return 0.0 if common == 0 else 2 * common / (len(h) + len(r))   # = 2PR / (P + R)
+
+    return torch.tensor([max(f1(c, ref) for ref in refs) for c, refs in zip(completions, references)])
+
+
+REWARDS = {"bleu": bleu_rewards, "chrf": chrf_rewards, "ter": ter_rewards, "rouge_l": rouge_l_rewards}
+
+
+# =============================================================================================
+# 5. Advantages: each answer against its own group
+# =============================================================================================
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
+                     eps: float = 1e-4) -> torch.Tensor:
+    """A_i = (r_i - mean(r_group)) / (std(r_group) + eps)
+
+    rewards: (P * G,), grouped: rows p*G .. p*G + G-1 belong to prompt p -> advantages (P * G,)
+    scale: "group" (the paper; TRL's default) divides by the group's std, "batch" by the std of
+    all rewards in the batch, "none" only centres (Dr. GRPO: no difficulty re-weighting).
+    std is the sample std (Bessel's correction, n - 1), as TRL computes it, so the numbers match
+    what users see there. A group whose rewards are all equal carries no signal: its advantages
+    are exactly 0 (0 / (0 + eps)), never NaN.
+    """
+    if group_size < 2:
+        raise ValueError("group_advantages needs group_size >= 2")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.view(-1, group_size)                      # (P, G)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)       # (P, G)
+    if scale == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (rewards.std() + eps)
+    elif scale != "none":
+        raise ValueError(f"unknown scale {scale!r}")
+    return centred.reshape(-1)
+
+
+# =============================================================================================
+# 6. Loss: token log-probs, clipped objective, KL penalty
+# =============================================================================================
+def sequence_log_probs(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """log pi(o_t | q, o_<t) of the sampled tokens, per token.
+
+    logits: (B, T, V) predicting tokens (B, T); mask (B, T) zeroes padding -> (B, T)
+    Computed as log_softmax + gather (stable for any logit size). Logits are divided by the
+    sampling temperature first, so the log-probs are those of the distribution that was sampled.
+    """
+    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    token_log_probs = log_probs.gather(dim=-1, index=tokens.unsqueeze(-1)).squeeze(-1)
+    return token_log_probs if mask is None else torch.where(mask.bool(), token_log_probs, 0.0)
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
+              advantages: torch.Tensor, mask: torch.Tensor, eps: float = 0.2, beta: float = 0.02,
+              loss_type: str = "dapo", off_policy: torch.Tensor | None = None,
+              eps_high: float | None = None, policy_shaping: float = 0.0,
+              max_completion_length: int | None = None) -> tuple[torch.Tensor, dict]:
+    """The (MP-)GRPO objective of the paper, as a loss to minimise.
+
+        s_it = pi_theta(o_it) / pi_old(o_it) = exp(logp - old_logp)
+        l_it = min(s_it A_i, clip(s_it, 1 - eps, 1 + eps_high) A_i)             on-policy rows
+        l_it = f(pi_theta(o_it)) A_i,  f(p) = p (or p / (p + gamma) if shaping)   off-policy rows
+        KL_it = exp(ref - logp) - (ref - logp) - 1                                 (k3 estimator)
+        loss  = -aggregate_it(l_it - beta KL_it)
+
+    Off-policy rows (MP-GRPO) hold the ground-truth answer: their behaviour policy pi_phi is
+    taken as 1, so the importance weight is pi_theta itself and is not clipped (LUFFY).
+    aggregate: "dapo" (paper) sums over every completion token of the batch and divides by their
+    number; "grpo" averages each sequence, then the sequences; "dr_grpo" divides the sum by
+    B * max_completion_length (default T).
+
+    logp, old_logp, ref_logp, mask: (B, T); advantages: (B,); off_policy: (B,) bool or None.
+    Returns (loss, diagnostics): mean ratio and clip fraction over on-policy tokens, mean KL.
+
+    With one update per batch, old_logp is logp.detach(): s = 1 exactly, nothing is clipped,
+    and the gradient is REINFORCE with a group baseline, -sum_it A_i grad logp_it / N.
+    """
+    eps_high = eps if eps_high is None else eps_high
+    keep = mask.bool()
+    mask = mask.float()
+    # Padding may hold anything (even inf or NaN): zero it before exp, so that neither the loss
+    # nor its gradient can see it (0 * inf would be NaN).
+    logp = torch.where(keep, logp, 0.0)
+    old_logp = torch.where(keep, old_logp, 0.0)
+    ref_logp = None if ref_logp is None else torch.where(keep, ref_logp, 0.0)
+    A = advantages.unsqueeze(1)                                        # (B, 1)
+    ratio = torch.exp(logp - old_logp)                                 # (B, T)
+    clipped_ratio = torch.clamp(ratio, 1 - eps, 1 + eps_high)
+    objective = torch.min(ratio * A, clipped_ratio * A)                # (B, T)
+    if off_policy is not None and off_policy.any():
+        probability = torch.exp(logp)
+        weight = probability / (probability + policy_shaping) if policy_shaping > 0 else probability
+        objective = torch.where(off_policy.unsqueeze(1), weight * A, objective)
+    else:
+        off_policy = torch.zeros(logp.shape[0], dtype=torch.bool, device=logp.device)
+    kl = torch.zeros_like(logp)
+    if beta > 0 and ref_logp is not None:
+        delta = ref_logp - logp
+        kl = torch.exp(delta) - delta - 1                              # >= 0, unbiased for KL
+        objective = objective - beta * kl
+    per_token = -objective * mask                                      # padding contributes 0
+    if loss_type == "dapo":
+        loss = per_token.sum() / mask.sum().clamp(min=1)
+    elif loss_type == "grpo":
+        loss = (per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+    elif loss_type == "dr_grpo":
+        loss = per_token.sum() / (logp.shape[0] * (max_completion_length or logp.shape[1]))
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    with torch.no_grad():
+        on_mask = mask * (~off_policy).float().unsqueeze(1)
+        is_clipped = ((ratio < 1 - eps) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))
+        on_tokens = on_mask.sum().clamp(min=1)
+        diagnostics = {"ratio": ((ratio * on_mask).sum() / on_tokens).item(),
+                       "clip_fraction": ((is_clipped.float() * on_mask).sum() / on_tokens).item(),
+                       "kl": ((kl * mask).sum() / mask.sum().clamp(min=1)).item()}
+    return loss, diagnostics
+
+
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the reference tokens, averaged over tokens: -sum_it logp_it / N."""
+    return -(logp * mask).sum() / mask.sum().clamp(min=1)
+
+
+# =============================================================================================
+# 7. MP-GRPO: the ground truth as one member of each group
+# =============================================================================================
+def inject_reference(completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                     reference_ids: list[torch.Tensor], group_size: int,
+                     pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Replace the last completion of every group with the reference answer (off-policy).
+
+    completion_ids, completion_mask: (P * G, T); reference_ids: P token tensors, each ending in
+    EOS -> (ids (P * G, T'), mask (P * G, T'), off_policy (P * G,) bool), T' = max(T, longest
+    reference). Row p*G + G-1 holds reference p; its mask covers the reference tokens.
+
+    Advantages are then computed over the mixed group. The reference scores the maximum reward
+    (BLEU 100 against itself), so it raises the group mean and lowers the advantages of the G-1
+    sampled answers: a sample now needs to beat a mean that includes the perfect answer.
+    """
+    num_rows, length = completion_ids.shape
+    length = max([length] + [len(r) for r in reference_ids])
+    ids = torch.full((num_rows, length), pad_token_id, dtype=completion_ids.dtype,
+                     device=completion_ids.device)
+    mask = torch.zeros((num_rows, length), dtype=completion_mask.dtype, device=completion_mask.device)
+    ids[:, :completion_ids.shape[1]] = completion_ids
+    mask[:, :completion_mask.shape[1]] = completion_mask
+    off_policy = torch.zeros(num_rows, dtype=torch.bool, device=completion_ids.device)
+    for prompt, reference in enumerate(reference_ids):
+        row = prompt * group_size + group_size - 1
+        ids[row] = pad_token_id
+        mask[row] = 0
+        ids[row, :len(reference)] = reference.to(ids.device)
+        mask[row, :len(reference)] = 1
+        off_policy[row] = True
+    return ids, mask, off_policy
+
+
+def answer_ids(tokenizer, texts: list[str], eos_token_id: int) -> list[torch.Tensor]:
+    """Token ids of reference answers followed by EOS, as the model would have to produce them."""
+    return [torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_token_id])
+            for text in texts]
+
+
+# =============================================================================================
+# 8. Evaluation: corpus BLEU and chrF on the test manifest
+# =============================================================================================
+@torch.no_grad()
+def evaluate(model, processor, examples: list[dict], cfg: Config, greedy: bool, seed: int) -> dict:
+    """Answer every test clip once (sampled with top-p/temperature as in the paper, or greedy)
+    and score the corpus with sacrebleu. The RNG is forked: evaluating does not change the
+    training run's random stream."""
+    from sacrebleu.metrics import BLEU, CHRF
+    from tqdm import tqdm
+    model.eval()
+    predictions = []
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in tqdm(range(0, len(examples), cfg.eval_batch_size), leave=False,
+                          desc="eval greedy" if greedy else "eval sampled", file=sys.stderr):
+            batch = make_batch(examples[start:start + cfg.eval_batch_size], processor, device)
+            ids = sample(model, batch, encode_audio(model, batch), 1, cfg.max_completion_length,
+                         cfg.eval_temperature, cfg.eval_top_p, greedy=greedy)
+            mask = completion_mask(ids, model.config.text_config.eos_token_id)
+            predictions += decode(processor.tokenizer, ids, mask)
+    references = [references_of(ex) for ex in examples]
+    most = max(len(r) for r in references)
+    # sacrebleu takes one stream per reference position; None marks "no n-th reference here".
+    streams = [[r[k] if k < len(r) else None for r in references] for k in range(most)]
+    bleu, chrf = BLEU(), CHRF()
+    return {"bleu": bleu.corpus_score(predictions, streams).score,
+            "chrf": chrf.corpus_score(predictions, streams).score,
+            "signature": str(bleu.get_signature()), "predictions": predictions}
+
+
+# =============================================================================================
+# 9. Training loop
+# =============================================================================================
+class Timer:
+    """Wall time per phase, for the summary at the end."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def grpo_step(cfg, policy, reference, processor, optimizer, batch: Batch, timer: Timer) -> dict:
+    """One GRPO (or MP-GRPO) step on P prompts: sample, score, normalise, update."""
+    tokenizer = processor.tokenizer
+    eos = policy.config.text_config.eos_token_id
+    G = cfg.group_size
+    # 1. Rollout: encode each clip once, sample G answers per prompt from the current policy.
+    with timer("rollout"):
+        policy.eval()
+        with torch.no_grad():
+            audio_embeds = encode_audio(policy, batch)                          # (P, A, H)
+        completion_ids = sample(policy, batch, audio_embeds, G, cfg.max_completion_length,
+                                cfg.temperature)                                # (P*G, T)
+        mask = completion_mask(completion_ids, eos)                             # (P*G, T)
+        off_policy = None
+        if cfg.algo == "mp_grpo":
+            refs = [references_of(ex)[0] for ex in batch.examples]
+            completion_ids, mask, off_policy = inject_reference(
+                completion_ids, mask, answer_ids(tokenizer, refs, eos), G,
+                policy.config.text_config.pad_token_id)
+        completions = decode(tokenizer, completion_ids, mask)
+    # 2. Reward and group-relative advantages.
+    with timer("reward"):
+        references = [refs for refs in batch.references for _ in range(G)]
+        rewards = REWARDS[cfg.reward](completions, references)                  # (P*G,)
+        advantages = group_advantages(rewards, G, cfg.scale_rewards).to(mask.device)
+    # Every row of a prompt shares its prompt and audio: repeat them G times.
+    prompt_ids = batch.input_ids.repeat_interleave(G, dim=0)
+    prompt_mask = batch.attention_mask.repeat_interleave(G, dim=0)
+    audio_rows = audio_embeds.repeat_interleave(G, dim=0)
+    audio_mask = batch.audio_mask.repeat_interleave(G, dim=0)
+    forward = (prompt_ids, prompt_mask, audio_rows, audio_mask, completion_ids)
+    # 3. Reference log-probs, only when the KL term is on.
+    ref_logp = None
+    if cfg.beta > 0:
+        with timer("reference"), torch.no_grad():
+            ref_logp = sequence_log_probs(completion_logits(reference, *forward), completion_ids,
+                                          mask, cfg.temperature)
+    # 4. Policy update(s). With num_iterations == 1 the old policy is the current one.
+    set_train_mode(policy, cfg.train_audio)
+    old_logp = None
+    for _ in range(cfg.num_iterations):
+        with timer("forward"):
+            logp = sequence_log_probs(completion_logits(policy, *forward), completion_ids, mask,
+                                      cfg.temperature)
+            if old_logp is None:
+                old_logp = logp.detach()
+            loss, diagnostics = grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg.eps,
+                                          cfg.beta, cfg.loss_type, off_policy, cfg.eps_high,
+                                          cfg.policy_shaping, cfg.max_completion_length)
+        with timer("backward"):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with timer("optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in policy.parameters() if p.requires_grad], cfg.max_grad_norm)
+            optimizer.step()
+    on_policy = rewards if off_policy is None else rewards[~off_policy.cpu()]
+    return {"loss": loss.item(), "reward": on_policy.mean().item(),
+            "reward_std": on_policy.std().item(), "grad_norm": grad_norm.item(),
+            "completion_tokens": mask.sum(dim=1).mean().item(),
+            "zero_std_groups": (rewards.view(-1, G).std(dim=1) == 0).float().mean().item(),
+            **diagnostics}
+
+
+def sft_step(cfg, policy, processor, optimizer, batch: Batch, timer: Timer, rng: random.Random) -> dict:
+    """One supervised step: maximise the log-likelihood of one reference answer per example."""
+    eos = policy.config.text_config.eos_token_id
+    pad = policy.config.text_config.pad_token_id
+    set_train_mode(policy, cfg.train_audio)
+    with timer("forward"):
+        targets = answer_ids(processor.tokenizer, [rng.choice(r) for r in batch.references], eos)
+        target_ids = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True,
+                                                     padding_value=pad).to(batch.input_ids.device)
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(t)) for t in targets],
+                                               batch_first=True).to(batch.input_ids.device)
+        with torch.set_grad_enabled(cfg.train_audio):
+            audio_embeds = encode_audio(policy, batch)
+        logits = completion_logits(policy, batch.input_ids, batch.attention_mask, audio_embeds,
+                                   batch.audio_mask, target_ids)
+        loss = sft_loss(sequence_log_probs(logits, target_ids, mask), mask)
+    with timer("backward"):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    with timer("optimizer"):
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in policy.parameters() if p.requires_grad], cfg.max_grad_norm)
+        optimizer.step()
+    return {"loss": loss.item(), "grad_norm": grad_norm.item(),
+            "completion_tokens": mask.sum(dim=1).mean().item()}
+
+
+def pick_device(cfg: Config) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def save_model(model, processor, directory: Path, save_dtype: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    if save_dtype in ("float32", "bfloat16"):
+        model = copy.deepcopy(model).to(getattr(torch, save_dtype))
+    model.save_pretrained(directory, safe_serialization=True)
+    processor.save_pretrained(directory)
+
+
+def train(cfg: Config) -> dict:
+    """Evaluate the base model, train, evaluate again; write metrics, model and results."""
+    from tqdm import tqdm
+    from transformers import get_scheduler
+    device = pick_device(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    train_examples = load_manifest(cfg.train, cfg.task)
+    test_examples = load_manifest(cfg.test, cfg.task)
+    if cfg.eval_limit:
+        test_examples = test_examples[:cfg.eval_limit]
+    ensure_audio(train_examples + test_examples)
+    timer = Timer()
+    processor, policy = load_model(cfg, device)
+    reference = None
+    if cfg.algo != "sft" and cfg.beta > 0:
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)      # pi_ref: frozen
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
+                              num_warmup_steps=int(cfg.warmup_ratio * cfg.steps),
+                              num_training_steps=cfg.steps)
+    results = {"config": dataclasses.asdict(cfg), "before": {}, "after": {}}
+    if not cfg.skip_base_eval:
+        with timer("eval"):
+            for mode in ("sampled", "greedy"):
+                results["before"][mode] = evaluate(policy, processor, test_examples, cfg,
+                                                   mode == "greedy", cfg.seed)
+        print_eval("base", results["before"], test_examples, cfg.examples)
+    metrics_file = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")
+    batch_size = cfg.sft_batch_size if cfg.algo == "sft" else cfg.batch_size
+    progress = tqdm(range(cfg.steps), desc=f"{cfg.algo} {cfg.task}", file=sys.stderr,
+                    dynamic_ncols=True)
+    train_start = time.perf_counter()
+    for step in progress:
+        examples = batch_at(train_examples, step, batch_size, cfg.seed)
+        with timer("data"):
+            batch = make_batch(examples, processor, device)
+        if cfg.algo == "sft":
+            metrics = sft_step(cfg, policy, processor, optimizer, batch, timer,
+                               random.Random(cfg.seed * 7919 + step))
+        else:
+            metrics = grpo_step(cfg, policy, reference, processor, optimizer, batch, timer)
+        scheduler.step()
+        if not math.isfinite(metrics["loss"]):
+            raise RuntimeError(f"step {step + 1}: loss is {metrics['loss']}; stopping")
+        metrics.update(step=step + 1, lr=scheduler.get_last_lr()[0],
+                       seconds=round(time.perf_counter() - train_start, 2))
+        metrics_file.write(json.dumps(metrics) + "\n")
+        metrics_file.flush()
+        shown = {k: metrics[k] for k in ("loss", "reward", "kl", "clip_fraction") if k in metrics}
+        progress.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
+        if cfg.log_every and (step + 1) % cfg.log_every == 0:
+            progress.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                    for k, v in metrics.items()))
+    metrics_file.close()
+    train_seconds = time.perf_counter() - train_start
+    with timer("eval"):
+        for mode in ("sampled", "greedy"):
+            results["after"][mode] = evaluate(policy, processor, test_examples, cfg,
+                                              mode == "greedy", cfg.seed)
+    print_eval(f"after {cfg.algo}", results["after"], test_examples, cfg.examples)
+    save_model(policy, processor, output_dir / "final", cfg.save_dtype)
+    results["timing"] = timing_summary(timer, cfg.steps, train_seconds)
+    for when in ("before", "after"):
+        for mode in results[when].values():
+            mode.pop("predictions", None)
+    with open(output_dir / "results.json", "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    print_summary(results, cfg)
+    return results
+
+
+def timing_summary(timer: Timer, steps: int, train_seconds: float) -> dict:
+    phases = {k: round(v, 2) for k, v in timer.seconds.items()}
+    train_phases = {k: v for k, v in timer.seconds.items() if k != "eval"}
+    total = sum(train_phases.values()) or 1.0
+    return {"seconds_per_step": round(train_seconds / max(steps, 1), 3),
+            "train_seconds": round(train_seconds, 1), "phases_seconds": phases,
+            "train_share": {k: round(v / total, 3) for k, v in train_phases.items()}}
+
+
+# =============================================================================================
+# 10. CLI
+# =============================================================================================
+def print_eval(label: str, evaluation: dict, examples: list[dict], count: int) -> None:
+    print(f"\n[{label}] BLEU {evaluation['sampled']['bleu']:.2f} (sampled) / "
+          f"{evaluation['greedy']['bleu']:.2f} (greedy), chrF {evaluation['sampled']['chrf']:.2f} / "
+          f"{evaluation['greedy']['chrf']:.2f}")
+    for example, prediction in list(zip(examples, evaluation["greedy"]["predictions"]))[:count]:
+        question = f"  Q: {example['question']}\n" if "question" in example else ""
+        print(f"{question}  reference: {references_of(example)[0]}\n  greedy:    {prediction}")
+
+
+def print_summary(results: dict, cfg: Config) -> None:
+    rows = [("base", results["before"]), (f"+ {cfg.algo}", results["after"])]
+    print(f"\n{'model':<12} {'BLEU sampled':>13} {'BLEU greedy':>12} {'chrF sampled':>13} "
+          f"{'chrF greedy':>12}")
+    for name, evaluation in rows:
+        if evaluation:
+            print(f"{name:<12} {evaluation['sampled']['bleu']:>13.2f} {evaluation['greedy']['bleu']:>12.2f} "
+                  f"{evaluation['sampled']['chrf']:>13.2f} {evaluation['greedy']['chrf']:>12.2f}")
+    print(f"sacrebleu: {results['after']['sampled']['signature']}")
+    timing = results["timing"]
+    shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in
+                       sorted(timing["train_share"].items(), key=lambda kv: -kv[1]))
+    print(f"time: {timing['seconds_per_step']:.2f} s/step over {cfg.steps} steps ({shares}); "
+          f"eval {timing['phases_seconds'].get('eval', 0):.0f} s")
+    print(f"wrote {cfg.output_dir}/results.json, metrics.jsonl, final/")
+
+
+def parse_args(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        name = f"--{f.name}"
+        if f.type in ("bool", bool):
+            parser.add_argument(name, action="store_true", help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            parser.add_argument(name, type=kind, default=f.default, help=f.metadata["help"])
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = check_config(parse_args(argv))
+        train(cfg)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

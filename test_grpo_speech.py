@@ -1,0 +1,312 @@
+"""Tests for grpo_speech.py and the toy data.
+
+    pytest -q test_grpo_speech.py              # everything (about N minutes on 2 CPU cores)
+    pytest -q test_grpo_speech.py -m "not slow"  # the math and input checks only (seconds)
+
+Every number below is worked out by hand in the test, from the equation in the docstring of the
+function under test.
+"""
+import importlib.util
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import grpo_speech as gs
+
+ROOT = Path(__file__).resolve().parent
+DATA = ROOT / "data"
+
+
+def load_make_data():
+    spec = importlib.util.spec_from_file_location("make_data", DATA / "make_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages
+# ---------------------------------------------------------------------------------------------
+def test_group_advantages_two_groups_by_hand():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 1.0, 1.0])
+    # group 1: mean 2.5, sample std sqrt((2.25 + 0.25 + 0.25 + 2.25) / 3) = sqrt(5/3)
+    # group 2: mean 0.5, sample std sqrt(4 * 0.25 / 3) = sqrt(1/3)
+    expected = torch.tensor([-1.5 / (math.sqrt(5 / 3) + 1e-4), -0.5 / (math.sqrt(5 / 3) + 1e-4),
+                             0.5 / (math.sqrt(5 / 3) + 1e-4), 1.5 / (math.sqrt(5 / 3) + 1e-4),
+                             -0.5 / (math.sqrt(1 / 3) + 1e-4), -0.5 / (math.sqrt(1 / 3) + 1e-4),
+                             0.5 / (math.sqrt(1 / 3) + 1e-4), 0.5 / (math.sqrt(1 / 3) + 1e-4)])
+    assert torch.allclose(gs.group_advantages(rewards, 4), expected, atol=1e-6)
+
+
+def test_group_advantages_equal_rewards_are_zero_not_nan():
+    rewards = torch.tensor([0.3, 0.3, 0.3, 0.0, 1.0, 0.5])
+    advantages = gs.group_advantages(rewards, 3)
+    assert torch.equal(advantages[:3], torch.zeros(3))
+    assert torch.isfinite(advantages).all()
+    assert torch.equal(gs.group_advantages(torch.zeros(8), 4), torch.zeros(8))
+
+
+def test_group_advantages_scale_options():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 1.0, 1.0])
+    centred = torch.tensor([-1.5, -0.5, 0.5, 1.5, -0.5, -0.5, 0.5, 0.5])
+    assert torch.allclose(gs.group_advantages(rewards, 4, scale="none"), centred)
+    # batch: mean 1.5, squared deviations sum to 14, sample variance 14 / 7 = 2
+    assert torch.allclose(gs.group_advantages(rewards, 4, scale="batch"),
+                          centred / (math.sqrt(2) + 1e-4), atol=1e-6)
+    assert torch.allclose(gs.group_advantages(rewards, 4, eps=0.0),
+                          centred / torch.tensor([math.sqrt(5 / 3)] * 4 + [math.sqrt(1 / 3)] * 4))
+
+
+def test_group_advantages_rejects_bad_groups():
+    with pytest.raises(ValueError):
+        gs.group_advantages(torch.ones(4), 1)
+    with pytest.raises(ValueError):
+        gs.group_advantages(torch.ones(5), 2)
+    with pytest.raises(ValueError):
+        gs.group_advantages(torch.ones(4), 2, scale="median")
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs
+# ---------------------------------------------------------------------------------------------
+def test_sequence_log_probs_by_hand():
+    logits = torch.log(torch.tensor([[[1.0, 2.0, 5.0], [4.0, 2.0, 2.0]]]))   # softmax: /8
+    tokens = torch.tensor([[2, 0]])
+    result = gs.sequence_log_probs(logits, tokens)
+    assert torch.allclose(result, torch.log(torch.tensor([[5 / 8, 4 / 8]])))
+    masked = gs.sequence_log_probs(logits, tokens, torch.tensor([[1.0, 0.0]]))
+    assert torch.allclose(masked, torch.tensor([[math.log(5 / 8), 0.0]]))
+
+
+def test_sequence_log_probs_temperature_and_stability():
+    # logits [0, 2 ln 2] at temperature 2 -> [0, ln 2] -> probabilities [1/3, 2/3]
+    logits = torch.tensor([[[0.0, 2 * math.log(2)]]])
+    assert torch.allclose(gs.sequence_log_probs(logits, torch.tensor([[1]]), temperature=2.0),
+                          torch.tensor([[math.log(2 / 3)]]))
+    huge = torch.tensor([[[1e4, 0.0, -1e4]]])
+    values = gs.sequence_log_probs(huge, torch.tensor([[1]]))
+    assert torch.isfinite(values).all() and values.item() == pytest.approx(-1e4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Clipped loss
+# ---------------------------------------------------------------------------------------------
+def four_ppo_cases():
+    """One token per sequence, old_logp = 0, so ratio = exp(logp)."""
+    ratios = torch.tensor([1.5, 1.1, 0.5, 0.9, 0.5, 1.5])
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0, 1.0, -1.0])
+    logp = torch.log(ratios).unsqueeze(1).requires_grad_(True)
+    return ratios, advantages, logp
+
+
+def test_grpo_loss_ppo_cases_value_and_gradient():
+    ratios, advantages, logp = four_ppo_cases()
+    loss, diagnostics = gs.grpo_loss(logp, torch.zeros_like(logp), None, advantages,
+                                     torch.ones_like(logp), eps=0.2, beta=0.0)
+    # min(s A, clip(s, 0.8, 1.2) A) per row:
+    #   A>0 s=1.5 -> 1.2 (clipped)   A>0 s=1.1 -> 1.1     A<0 s=0.5 -> -0.8 (clipped)
+    #   A<0 s=0.9 -> -0.9            A>0 s=0.5 -> 0.5     A<0 s=1.5 -> -1.5 (clip does not bind)
+    objective = torch.tensor([1.2, 1.1, -0.8, -0.9, 0.5, -1.5])
+    assert loss.item() == pytest.approx(-objective.mean().item(), abs=1e-6)
+    loss.backward()
+    # d loss / d logp_i = -(1/6) s_i A_i where the clip does not bind, 0 where it does
+    expected = torch.tensor([0.0, -1.1, 0.0, 0.9, -0.5, 1.5]) / 6
+    assert torch.allclose(logp.grad.squeeze(1), expected, atol=1e-6)
+    assert diagnostics["clip_fraction"] == pytest.approx(2 / 6)
+    assert diagnostics["ratio"] == pytest.approx(ratios.mean().item(), abs=1e-6)
+
+
+def test_grpo_loss_separate_upper_clip():
+    logp = torch.log(torch.tensor([[1.25]])).requires_grad_(True)
+    loss, _ = gs.grpo_loss(logp, torch.zeros_like(logp), None, torch.tensor([1.0]),
+                           torch.ones_like(logp), eps=0.2, beta=0.0, eps_high=0.28)
+    assert loss.item() == pytest.approx(-1.25)           # inside [0.8, 1.28]: not clipped
+    loss.backward()
+    assert logp.grad.item() == pytest.approx(-1.25)
+
+
+def test_grpo_loss_kl_value_and_gradient():
+    # logp = ln 0.5, ref = ln 0.25: delta = ln 0.5, k3 = 0.5 - ln 0.5 - 1 = ln 2 - 0.5
+    logp = torch.tensor([[math.log(0.5)]], requires_grad=True)
+    ref = torch.tensor([[math.log(0.25)]])
+    loss, diagnostics = gs.grpo_loss(logp, logp.detach(), ref, torch.tensor([0.0]),
+                                     torch.ones(1, 1), beta=0.1)
+    assert diagnostics["kl"] == pytest.approx(math.log(2) - 0.5, abs=1e-6)
+    assert loss.item() == pytest.approx(0.1 * (math.log(2) - 0.5), abs=1e-7)
+    loss.backward()
+    # d k3 / d logp = 1 - exp(ref - logp) = 1 - 0.5
+    assert logp.grad.item() == pytest.approx(0.1 * 0.5, abs=1e-6)
+
+
+def test_grpo_loss_kl_skipped_when_beta_zero_or_no_reference():
+    logp = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-3.0, -0.5]])
+    args = (torch.tensor([0.7]), torch.ones(1, 2))
+    plain, d0 = gs.grpo_loss(logp, logp, None, *args, beta=0.02)
+    zero_beta, d1 = gs.grpo_loss(logp, logp, ref, *args, beta=0.0)
+    with_kl, d2 = gs.grpo_loss(logp, logp, ref, *args, beta=0.02)
+    assert plain.item() == zero_beta.item() == pytest.approx(-0.7)
+    assert d0["kl"] == d1["kl"] == 0.0 and d2["kl"] > 0
+    assert with_kl.item() > plain.item()
+
+
+def aggregation_inputs():
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    logp = torch.tensor([[-1.0, -5.0, -5.0], [-2.0, -3.0, -4.0]])
+    return logp, torch.tensor([1.0, 2.0]), mask
+
+
+@pytest.mark.parametrize("loss_type,max_length,expected", [
+    ("dapo", None, -(1 * 1 + 2 * 3) / 4),          # all tokens of the batch / their number
+    ("grpo", None, -(1 / 1 + 6 / 3) / 2),          # per-sequence mean, then mean
+    ("dr_grpo", None, -(1 + 6) / (2 * 3)),         # / (B * T)
+    ("dr_grpo", 4, -(1 + 6) / (2 * 4)),            # / (B * max_completion_length)
+])
+def test_grpo_loss_aggregations(loss_type, max_length, expected):
+    logp, advantages, mask = aggregation_inputs()   # ratio 1: each token's objective is A_i
+    loss, _ = gs.grpo_loss(logp, logp, None, advantages, mask, beta=0.0, loss_type=loss_type,
+                           max_completion_length=max_length)
+    assert loss.item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_grpo_loss_masked_tokens_contribute_nothing(loss_type):
+    logp, advantages, mask = aggregation_inputs()
+    ref = logp - 0.3
+    base, _ = gs.grpo_loss(logp, logp, ref, advantages, mask, loss_type=loss_type)
+    for junk in (1e9, -1e9, float("nan"), float("inf")):
+        noisy = logp.clone()
+        noisy[mask == 0] = junk
+        noisy_ref = ref.clone()
+        noisy_ref[mask == 0] = -junk
+        noisy.requires_grad_(True)
+        loss, diagnostics = gs.grpo_loss(noisy, logp, noisy_ref, advantages, mask,
+                                         loss_type=loss_type)
+        assert loss.item() == pytest.approx(base.item())
+        loss.backward()
+        assert torch.isfinite(noisy.grad).all()
+        assert torch.equal(noisy.grad[mask == 0], torch.zeros(2))
+        assert all(math.isfinite(v) for v in diagnostics.values())
+
+
+def test_one_update_per_batch_is_policy_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, 7, requires_grad=True)
+    tokens = torch.randint(0, 7, (4, 5))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]).float()
+    advantages = torch.tensor([0.5, -1.0, 2.0, -0.25])
+    logp = gs.sequence_log_probs(logits, tokens, mask)
+    loss, diagnostics = gs.grpo_loss(logp, logp.detach(), None, advantages, mask, beta=0.0)
+    (grad,) = torch.autograd.grad(loss, logits)
+    reinforce = -(advantages[:, None] * gs.sequence_log_probs(logits, tokens, mask) * mask).sum() / mask.sum()
+    (expected,) = torch.autograd.grad(reinforce, logits)
+    assert torch.allclose(grad, expected, atol=1e-7)
+    assert diagnostics["ratio"] == 1.0 and diagnostics["clip_fraction"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# MP-GRPO
+# ---------------------------------------------------------------------------------------------
+def test_off_policy_rows_are_not_clipped_and_weighted_by_probability():
+    # row 0 on-policy, ratio 2 (clipped); row 1 off-policy, same numbers: weight = exp(logp)
+    logp = torch.log(torch.tensor([[0.5], [0.5]])).requires_grad_(True)
+    old = torch.log(torch.tensor([[0.25], [0.25]]))
+    off_policy = torch.tensor([False, True])
+    loss, diagnostics = gs.grpo_loss(logp, old, None, torch.tensor([2.0, 2.0]), torch.ones(2, 1),
+                                     eps=0.2, beta=0.0, off_policy=off_policy)
+    # on: min(2 * 2, 1.2 * 2) = 2.4 (gradient 0); off: 0.5 * 2 = 1.0 (gradient 0.5 * 2)
+    assert loss.item() == pytest.approx(-(2.4 + 1.0) / 2)
+    loss.backward()
+    assert torch.allclose(logp.grad.squeeze(1), torch.tensor([0.0, -1.0 / 2]))
+    assert diagnostics["clip_fraction"] == 1.0            # over on-policy tokens only
+    assert diagnostics["ratio"] == pytest.approx(2.0)
+
+
+def test_policy_shaping():
+    logp = torch.tensor([[math.log(0.5)]], requires_grad=True)
+    loss, _ = gs.grpo_loss(logp, logp.detach(), None, torch.tensor([1.0]), torch.ones(1, 1),
+                           beta=0.0, off_policy=torch.tensor([True]), policy_shaping=0.1)
+    assert loss.item() == pytest.approx(-0.5 / 0.6)       # f(p) = p / (p + 0.1)
+    loss.backward()
+    # d f / d logp = p * gamma / (p + gamma)^2 = 0.5 * 0.1 / 0.36
+    assert logp.grad.item() == pytest.approx(-0.05 / 0.36)
+
+
+def test_inject_reference_rows_and_mask():
+    eos, pad = 9, 0
+    ids = torch.tensor([[1, 2, eos], [3, eos, 0], [4, 4, 4], [5, eos, 0], [6, 6, eos], [7, eos, 0]])
+    mask = gs.completion_mask(ids, eos)
+    references = [torch.tensor([8, 8, 8, 8, eos]), torch.tensor([2, eos])]
+    new_ids, new_mask, off_policy = gs.inject_reference(ids, mask, references, 3, pad)
+    assert off_policy.tolist() == [False, False, True, False, False, True]
+    assert new_ids.shape == (6, 5)                        # widened to the longest reference
+    assert new_ids[2].tolist() == [8, 8, 8, 8, eos] and new_mask[2].tolist() == [1, 1, 1, 1, 1]
+    assert new_ids[5].tolist() == [2, eos, pad, pad, pad] and new_mask[5].tolist() == [1, 1, 0, 0, 0]
+    assert torch.equal(new_ids[[0, 1, 3, 4], :3], ids[[0, 1, 3, 4]])
+    assert torch.equal(new_mask[[0, 1, 3, 4], :3], mask[[0, 1, 3, 4]])
+    assert new_mask[[0, 1, 3, 4], 3:].sum() == 0
+
+
+def test_injected_reference_gets_the_top_reward_of_its_group():
+    references = ["Der Mann liest ein Buch.", "Die Frau trinkt keinen Kaffee."]
+    group = ["Der Mann liest das Buch.", "Ein Mann liest.", references[0]]
+    rewards = gs.bleu_rewards(group, [references] * 3)
+    assert rewards[2].item() == 1.0 and rewards.argmax().item() == 2
+    advantages = gs.group_advantages(rewards, 3)
+    assert advantages[2] > 0 and (advantages[:2] < 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewards
+# ---------------------------------------------------------------------------------------------
+def test_bleu_rewards_identical_disjoint_empty():
+    rewards = gs.bleu_rewards(["Der Mann liest ein Buch.", "Hallo Welt", "", "   "],
+                              [["Der Mann liest ein Buch."], ["Die Katze schläft."],
+                               ["Die Katze schläft."], ["x"]])
+    assert rewards.tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_bleu_rewards_match_sacrebleu_sentence_bleu():
+    import sacrebleu
+    pairs = [("Der alte Mann liest am Morgen ein Buch.", ["Am Morgen liest der alte Mann ein Buch."]),
+             ("Die Frau trinkt Kaffee.", ["Die Frau trinkt keinen Kaffee."]),
+             ("Peter geht mit dem Hund in den Park.", ["Peter geht mit dem Hund zum Park.",
+                                                       "Peter geht mit dem Hund in den Park."]),
+             ("Wo ist mein Schlüssel?", ["Wo sind meine Schlüssel?"])]
+    rewards = gs.bleu_rewards([p[0] for p in pairs], [p[1] for p in pairs])
+    for reward, (hypothesis, refs) in zip(rewards, pairs):
+        assert reward.item() == pytest.approx(sacrebleu.sentence_bleu(hypothesis, refs).score / 100)
+    assert 0 < rewards[0] < 1 and rewards[2] == 1.0
+
+
+def test_bleu_rewards_multiple_references_take_the_closest():
+    hypothesis = "Am Abend liest die Frau eine Zeitung."
+    one = gs.bleu_rewards([hypothesis], [["Die Frau liest am Abend eine Zeitung."]])
+    both = gs.bleu_rewards([hypothesis], [["Die Frau liest am Abend eine Zeitung.",
+                                           "Am Abend liest die Frau eine Zeitung."]])
+    assert one.item() < 1.0 and both.item() == 1.0
+
+
+def test_other_rewards():
+    refs = [["the cat sat down"]]
+    assert gs.REWARDS["rouge_l"](["the cat sat"], refs).item() == pytest.approx(2 * 3 / (3 + 4))
+    assert gs.REWARDS["rouge_l"](["sat the cat"], refs).item() == pytest.approx(2 * 2 / (3 + 4))
+    assert gs.REWARDS["rouge_l"](["dog"], refs).item() == 0.0
+    for name in ("bleu", "chrf", "ter", "rouge_l"):
+        rewards = gs.REWARDS[name](["the cat sat down", "", "zzz qqq"], refs * 3)
+        assert rewards[0].item() == pytest.approx(1.0), name
+        assert rewards[1].item() == 0.0, name
+        assert 0.0 <= rewards[2].item() < 0.5, name
+    # TER: one deletion against a 4-word reference = 25 -> reward 0.75
+    assert gs.REWARDS["ter"](["the cat sat"], refs).item() == pytest.approx(0.75)
+
+
+def test_completion_mask_includes_first_eos():
+    eos = 2
+    ids = torch.tensor([[5, 6, eos, eos], [5, 6, 7, 8], [eos, 0, 0, 0], [eos, eos, 5, eos]])
+    assert gs.completion_mask(ids, eos).tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0],
+                                                     [1, 0, 0, 0]]
