@@ -6,10 +6,11 @@
 Every number below is worked out by hand in the test, from the equation in the docstring of the
 function under test.
 """
-import importlib.util
+import importlib
 import json
 import math
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,10 +23,10 @@ DATA = ROOT / "data"
 
 
 def load_make_data():
-    spec = importlib.util.spec_from_file_location("make_data", DATA / "make_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """data/make_data.py as a module named make_data (its synthesis workers import it by name)."""
+    if str(DATA) not in sys.path:
+        sys.path.insert(0, str(DATA))
+    return importlib.import_module("make_data")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,3 +311,138 @@ def test_completion_mask_includes_first_eos():
     ids = torch.tensor([[5, 6, eos, eos], [5, 6, 7, 8], [eos, 0, 0, 0], [eos, eos, 5, eos]])
     assert gs.completion_mask(ids, eos).tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0],
                                                      [1, 0, 0, 0]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Toy data: the German grammar (hand-checked phrases)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def make_data():
+    return load_make_data()
+
+
+def noun(make_data, english):
+    return next(n for n in make_data.NOUNS if n.en == english)
+
+
+def adjective(make_data, english):
+    return next(a for a in make_data.ADJECTIVES if a[0] == english)
+
+
+def test_german_noun_phrases_by_hand(make_data):
+    NP = make_data.NounPhrase
+    apple, red = noun(make_data, "apple"), adjective(make_data, "red")
+    assert NP(apple, "a", adjective=red).german("acc") == ["einen roten Apfel"]
+    assert NP(apple, "a", adjective=red).german("nom") == ["ein roter Apfel"]
+    assert NP(apple, "the", adjective=red).german("dat") == ["dem roten Apfel"]
+    assert NP(apple, "number", True, red, 1).german("acc") == ["drei rote Äpfel"]
+    assert NP(apple, "number", True, red, 1).german("dat") == ["drei roten Äpfeln"]
+    assert NP(noun(make_data, "child"), "the", True).german("dat") == ["den Kindern"]
+    assert NP(noun(make_data, "teacher"), "my").german("nom") == ["mein Lehrer", "meine Lehrerin"]
+    assert NP(noun(make_data, "teacher"), "the", True).german("dat") == ["den Lehrern", "den Lehrerinnen"]
+    assert NP(noun(make_data, "water"), None, adjective=adjective(make_data, "cold")).german("acc") == ["kaltes Wasser"]
+    assert NP(noun(make_data, "coffee"), None).negated().german("acc") == ["keinen Kaffee"]
+    assert NP(noun(make_data, "car"), "a", adjective=adjective(make_data, "expensive")).german("nom") == ["ein teures Auto"]
+    assert NP(noun(make_data, "woman"), "our").german("dat") == ["unserer Frau"]
+    assert NP(noun(make_data, "umbrella"), "a").english() == "an umbrella"
+
+
+def test_german_clock_times(make_data):
+    rng = random.Random(0)
+    hours = dict(zip(make_data.HOURS_EN, make_data.HOURS_DE))
+    seen = set()
+    for _ in range(300):
+        english, (german,) = make_data.clock_time(rng)
+        words = english.split()
+        if "half" in words:                 # "half past seven" is "halb acht"
+            following = make_data.HOURS_DE[(make_data.HOURS_EN.index(words[-1]) + 1) % 12]
+            assert german == f"um halb {following}"
+        elif "o'clock" in words:
+            assert german == ("um ein Uhr" if words[1] == "one" else f"um {hours[words[1]]} Uhr")
+        elif "past" in words:
+            assert german == f"um Viertel nach {hours[words[-1]]}"
+        else:
+            assert german == f"um Viertel vor {hours[words[-1]]}"
+        seen.add(words[1])
+    assert {"half", "a"} <= seen
+
+
+def test_ast_generator_sentences_are_well_formed(make_data):
+    rng = random.Random(1)
+    for _ in range(2000):
+        english, references = make_data.make_ast_example(rng)
+        references = make_data.dedupe(references)
+        end = english[-1]
+        assert end in ".?" and english[0].isupper() and "  " not in english
+        assert 1 <= len(references) <= 4
+        for reference in references:
+            assert reference[-1] == end and reference[0].isupper() and "  " not in reference
+            assert " ," not in reference and "None" not in reference
+            if ", dass " in reference or ", weil " in reference:
+                clause = reference.split(", ")[-1].rstrip(".").split()
+                assert clause[-1] not in ("den", "die", "das", "ein", "einen", "nicht")
+
+
+# ---------------------------------------------------------------------------------------------
+# Toy data: manifests and audio (synthesized on first use, about a minute)
+# ---------------------------------------------------------------------------------------------
+TOY_MANIFESTS = [(task, split) for task in ("ast", "sqa") for split in ("pretrain", "train", "dev", "test")]
+
+
+@pytest.fixture(scope="module")
+def toy(make_data):
+    data = {(task, split): gs.load_manifest(DATA / task / f"{split}.jsonl", task)
+            for task, split in TOY_MANIFESTS}
+    gs.ensure_audio([ex for examples in data.values() for ex in examples])
+    return data
+
+
+@pytest.mark.slow
+def test_manifests_parse_and_every_clip_is_16k_mono_speech(toy):
+    for (task, split), examples in toy.items():
+        assert len(examples) >= 150, (task, split)
+        for ex in examples:
+            samples, rate = gs.read_wav(ex["audio_path"])
+            assert rate == 16_000 and samples.shape[0] == 1, ex["where"]
+            assert samples.shape[1] / rate == pytest.approx(ex["duration"], abs=1e-3), ex["where"]
+            rms = samples.pow(2).mean().sqrt().item()
+            assert rms > 0.01 and samples.abs().max() <= 1.0, ex["where"]
+            assert ex["speaker"] == ex["tts"]["voice"]
+            if task == "ast":
+                assert ex["translation"] and all(t.strip() for t in ex["translation"]), ex["where"]
+            else:
+                assert ex["question"].endswith("?") and ex["answer"], ex["where"]
+    mix = gs.load_manifest(DATA / "pretrain.jsonl", "asr")
+    assert {ex["task"] for ex in mix} == {"asr", "ast", "sqa"}
+    assert all(Path(ex["audio_path"]).is_file() for ex in mix)
+
+
+@pytest.mark.slow
+def test_splits_share_no_sentences_and_test_voices_are_unseen(toy):
+    for task in ("ast", "sqa"):
+        texts = {split: {ex["text"] for ex in toy[(task, split)]} for split in ("pretrain", "train", "dev", "test")}
+        voices = {split: {ex["speaker"] for ex in toy[(task, split)]} for split in texts}
+        splits = list(texts)
+        for i, a in enumerate(splits):
+            for b in splits[i + 1:]:
+                assert not texts[a] & texts[b], (task, a, b)
+        heard = voices["pretrain"] | voices["train"]
+        assert not voices["test"] & heard and not voices["dev"] & heard
+        assert not voices["test"] & voices["dev"]
+        assert len(voices["test"]) >= 10
+    mix = gs.load_manifest(DATA / "pretrain.jsonl", "asr")
+    mixed_audio = {Path(ex["audio_path"]).name for ex in mix}
+    for task in ("ast", "sqa"):
+        for split in ("dev", "test"):
+            assert not mixed_audio & {Path(ex["audio_path"]).name for ex in toy[(task, split)]}
+        # the base model never saw train-split answers, only their transcripts
+        assert not any(ex["task"] != "asr" and "-train-" in ex["audio"] for ex in mix)
+
+
+@pytest.mark.slow
+def test_regenerated_clips_are_byte_identical(toy, make_data, tmp_path):
+    chosen = [toy[("ast", "test")][0], toy[("sqa", "train")][7], toy[("ast", "train")][123]]
+    jobs = [(ex["text"], ex["tts"], tmp_path / f"{i}.wav") for i, ex in enumerate(chosen)]
+    make_data.synthesize(jobs)
+    for (_, _, path), ex in zip(jobs, chosen):
+        assert path.read_bytes() == Path(ex["audio_path"]).read_bytes(), ex["where"]
