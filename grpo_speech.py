@@ -37,20 +37,18 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
-import wave
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent
 DATA_DIR = ROOT / "data"
@@ -221,56 +219,29 @@ def ensure_audio(examples: list[dict]) -> None:
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
-def read_wav(path: str) -> tuple[torch.Tensor, int]:
-    """PCM WAV with the standard library: (channels, samples) float in [-1, 1], sample rate."""
-    with wave.open(path, "rb") as f:
-        channels, width, rate = f.getnchannels(), f.getsampwidth(), f.getframerate()
-        frames = f.readframes(f.getnframes())
-    if width == 3:                                     # 24-bit: widen to 32-bit little endian
-        frames = b"".join(b"\0" + frames[i:i + 3] for i in range(0, len(frames), 3))
-        width = 4
-    dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[width]
-    samples = torch.frombuffer(bytearray(frames), dtype=dtype).float()
-    if width == 1:
-        samples = (samples - 128.0) / 128.0            # 8-bit WAV is unsigned
-    else:
-        samples = samples / float(2 ** (8 * width - 1))
-    return samples.view(-1, channels).T, rate
-
-
 def load_audio(path: str, where: str = "") -> torch.Tensor:
     """Mono float32 waveform at 16 kHz, shape (samples,).
 
-    16-bit (and 8/24/32-bit) PCM WAV is read with the standard library; anything else (FLAC,
-    MP3, float WAV) needs the optional `soundfile` package. Stereo is averaged to mono; other
-    sample rates are resampled with torchaudio. Clips longer than MAX_AUDIO_SECONDS are an error
-    rather than silently truncated.
+    Files are read with soundfile (libsndfile: WAV of any sample format, FLAC, MP3, OGG), which
+    needs no FFmpeg, unlike torchaudio.load. Stereo is averaged to mono, other sample rates are
+    resampled with torchaudio, and clips longer than MAX_AUDIO_SECONDS are an error rather than
+    silently truncated (the encoder has no hard limit, but memory and the LLM's context do).
     """
+    import soundfile
     where = where or path
     try:
-        try:
-            samples, rate = read_wav(path)
-        except (wave.Error, EOFError, KeyError):
-            try:
-                import soundfile
-            except ImportError:
-                raise UsageError(f"{where}: {path} is not PCM WAV; pip install soundfile to read it, "
-                                 "or convert it to 16-bit WAV") from None
-            data, rate = soundfile.read(path, dtype="float32", always_2d=True)
-            samples = torch.from_numpy(data.T.copy())
-    except UsageError:
-        raise
-    except Exception as error:                        # unreadable, truncated, not audio at all
+        data, rate = soundfile.read(path, dtype="float32", always_2d=True)   # (samples, channels)
+    except Exception as error:                         # unreadable, truncated, not audio at all
         raise UsageError(f"{where}: cannot read audio {path} ({error})") from None
-    if samples.numel() == 0:
+    if data.size == 0:
         raise UsageError(f"{where}: audio {path} has no samples")
-    samples = samples.mean(dim=0)                      # (channels, n) -> (n,)
+    samples = torch.from_numpy(data).mean(dim=1)       # (samples, channels) -> (samples,)
     if rate != SAMPLING_RATE:
         import torchaudio
         samples = torchaudio.functional.resample(samples, rate, SAMPLING_RATE)
     if samples.numel() > MAX_AUDIO_SECONDS * SAMPLING_RATE:
-        raise UsageError(f"{where}: audio is {samples.numel() / SAMPLING_RATE:.0f} s long, "
-                         f"more than the {MAX_AUDIO_SECONDS:.0f} s this script accepts; split it")
+        raise UsageError(f"{where}: audio is {samples.numel() / SAMPLING_RATE:.0f} s long, more "
+                         f"than the {MAX_AUDIO_SECONDS:.0f} s this script accepts; split it")
     return samples
 
 
@@ -704,6 +675,22 @@ class Timer:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+def update(policy, optimizer, loss, max_grad_norm: float, timer: Timer) -> torch.Tensor:
+    """Backward, clip, step. A NaN/inf loss or gradient stops before the weights change."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()}")
+    with timer("backward"):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    with timer("optimizer"):
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in policy.parameters() if p.requires_grad], max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"gradient norm is {grad_norm.item()}")
+        optimizer.step()
+    return grad_norm
+
+
 def grpo_step(cfg, policy, reference, processor, optimizer, batch: Batch, timer: Timer) -> dict:
     """One GRPO (or MP-GRPO) step on P prompts: sample, score, normalise, update."""
     tokenizer = processor.tokenizer
@@ -753,13 +740,7 @@ def grpo_step(cfg, policy, reference, processor, optimizer, batch: Batch, timer:
             loss, diagnostics = grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg.eps,
                                           cfg.beta, cfg.loss_type, off_policy, cfg.eps_high,
                                           cfg.policy_shaping, cfg.max_completion_length)
-        with timer("backward"):
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        with timer("optimizer"):
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in policy.parameters() if p.requires_grad], cfg.max_grad_norm)
-            optimizer.step()
+        grad_norm = update(policy, optimizer, loss, cfg.max_grad_norm, timer)
     on_policy = rewards if off_policy is None else rewards[~off_policy.cpu()]
     return {"loss": loss.item(), "reward": on_policy.mean().item(),
             "reward_std": on_policy.std().item(), "grad_norm": grad_norm.item(),
@@ -784,13 +765,7 @@ def sft_step(cfg, policy, processor, optimizer, batch: Batch, timer: Timer, rng:
         logits = completion_logits(policy, batch.input_ids, batch.attention_mask, audio_embeds,
                                    batch.audio_mask, target_ids)
         loss = sft_loss(sequence_log_probs(logits, target_ids, mask), mask)
-    with timer("backward"):
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-    with timer("optimizer"):
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in policy.parameters() if p.requires_grad], cfg.max_grad_norm)
-        optimizer.step()
+    grad_norm = update(policy, optimizer, loss, cfg.max_grad_norm, timer)
     return {"loss": loss.item(), "grad_norm": grad_norm.item(),
             "completion_tokens": mask.sum(dim=1).mean().item()}
 
@@ -801,12 +776,70 @@ def pick_device(cfg: Config) -> torch.device:
     return torch.device(cfg.device)
 
 
-def save_model(model, processor, directory: Path, save_dtype: str) -> None:
+def save_model(model, processor, directory: Path, save_dtype: str = "auto") -> None:
     directory.mkdir(parents=True, exist_ok=True)
     if save_dtype in ("float32", "bfloat16"):
         model = copy.deepcopy(model).to(getattr(torch, save_dtype))
     model.save_pretrained(directory, safe_serialization=True)
     processor.save_pretrained(directory)
+
+
+def save_checkpoint(output_dir: Path, step: int, policy, processor, optimizer, scheduler,
+                    keep: int) -> Path:
+    """Everything a run needs to continue: weights (safetensors), optimizer and scheduler
+    state, RNG states and the step. Written to a temporary directory and renamed, so a crash
+    mid-write never leaves a half checkpoint; only the newest `keep` are kept."""
+    final = output_dir / f"checkpoint-{step:06d}"
+    tmp = output_dir / f".tmp-checkpoint-{step:06d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_model(policy, processor, tmp)
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save(state, tmp / "trainer_state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(output_dir.glob("checkpoint-*"))[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def find_checkpoint(cfg: Config) -> Path | None:
+    if not cfg.resume:
+        return None
+    if cfg.resume == "last":
+        found = sorted(Path(cfg.output_dir).glob("checkpoint-*"))
+        if not found:
+            raise UsageError(f"--resume last: no checkpoint in {cfg.output_dir}")
+        return found[-1]
+    path = Path(cfg.resume)
+    if not (path / "trainer_state.pt").is_file():
+        raise UsageError(f"--resume {cfg.resume}: not a checkpoint directory (no trainer_state.pt)")
+    return path
+
+
+class StopRequest:
+    """First Ctrl-C: finish the current step, save a checkpoint, exit. Second: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        import signal
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: saving a checkpoint after this step (again to quit now)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        import signal
+        signal.signal(signal.SIGINT, self.previous)
 
 
 def train(cfg: Config) -> dict:
@@ -820,6 +853,7 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = find_checkpoint(cfg)
     train_examples = load_manifest(cfg.train, cfg.task)
     test_examples = load_manifest(cfg.test, cfg.task)
     if cfg.eval_limit:
@@ -830,45 +864,81 @@ def train(cfg: Config) -> dict:
     reference = None
     if cfg.algo != "sft" and cfg.beta > 0:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)      # pi_ref: frozen
+    if checkpoint:                      # the policy continues; pi_ref stays the base model
+        _, policy = load_model(dataclasses.replace(cfg, model=str(checkpoint)), device)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
                               num_warmup_steps=int(cfg.warmup_ratio * cfg.steps),
                               num_training_steps=cfg.steps)
     results = {"config": dataclasses.asdict(cfg), "before": {}, "after": {}}
-    if not cfg.skip_base_eval:
+    base_file, metrics_path = output_dir / "base_eval.json", output_dir / "metrics.jsonl"
+    start_step = 0
+    if checkpoint:
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        start_step = state["step"]
+        if base_file.is_file():
+            results["before"] = json.loads(base_file.read_text())
+        if metrics_path.is_file():      # drop the lines of steps the checkpoint does not have
+            kept = [line for line in metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start_step]
+            metrics_path.write_text("".join(line + "\n" for line in kept))
+        print(f"resuming from {checkpoint} at step {start_step}", file=sys.stderr)
+    elif not cfg.skip_base_eval:
         with timer("eval"):
             for mode in ("sampled", "greedy"):
                 results["before"][mode] = evaluate(policy, processor, test_examples, cfg,
                                                    mode == "greedy", cfg.seed)
         print_eval("base", results["before"], test_examples, cfg.examples)
-    metrics_file = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")
+        base_file.write_text(json.dumps(results["before"]))
+    if not checkpoint and metrics_path.exists():
+        metrics_path.unlink()           # a fresh run does not append to an old run's metrics
     batch_size = cfg.sft_batch_size if cfg.algo == "sft" else cfg.batch_size
-    progress = tqdm(range(cfg.steps), desc=f"{cfg.algo} {cfg.task}", file=sys.stderr,
-                    dynamic_ncols=True)
+    progress = tqdm(range(start_step, cfg.steps), desc=f"{cfg.algo} {cfg.task}", file=sys.stderr,
+                    dynamic_ncols=True, initial=start_step, total=cfg.steps)
     train_start = time.perf_counter()
-    for step in progress:
-        examples = batch_at(train_examples, step, batch_size, cfg.seed)
-        with timer("data"):
-            batch = make_batch(examples, processor, device)
-        if cfg.algo == "sft":
-            metrics = sft_step(cfg, policy, processor, optimizer, batch, timer,
-                               random.Random(cfg.seed * 7919 + step))
-        else:
-            metrics = grpo_step(cfg, policy, reference, processor, optimizer, batch, timer)
-        scheduler.step()
-        if not math.isfinite(metrics["loss"]):
-            raise RuntimeError(f"step {step + 1}: loss is {metrics['loss']}; stopping")
-        metrics.update(step=step + 1, lr=scheduler.get_last_lr()[0],
-                       seconds=round(time.perf_counter() - train_start, 2))
-        metrics_file.write(json.dumps(metrics) + "\n")
-        metrics_file.flush()
-        shown = {k: metrics[k] for k in ("loss", "reward", "kl", "clip_fraction") if k in metrics}
-        progress.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
-        if cfg.log_every and (step + 1) % cfg.log_every == 0:
-            progress.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                    for k, v in metrics.items()))
-    metrics_file.close()
+    step = start_step
+    with open(metrics_path, "a", encoding="utf-8") as metrics_file, StopRequest() as stop:
+        for step in progress:
+            examples = batch_at(train_examples, step, batch_size, cfg.seed)
+            with timer("data"):
+                batch = make_batch(examples, processor, device)
+            try:
+                if cfg.algo == "sft":
+                    metrics = sft_step(cfg, policy, processor, optimizer, batch, timer,
+                                       random.Random(cfg.seed * 7919 + step))
+                else:
+                    metrics = grpo_step(cfg, policy, reference, processor, optimizer, batch, timer)
+            except FloatingPointError as error:
+                last = sorted(output_dir.glob("checkpoint-*"))
+                raise TrainingStopped(f"step {step + 1}: {error}; stopped before updating the "
+                                      f"weights. Last good checkpoint: "
+                                      f"{last[-1] if last else 'none (use --save_every)'}") from None
+            scheduler.step()
+            metrics.update(step=step + 1, lr=scheduler.get_last_lr()[0],
+                           seconds=round(time.perf_counter() - train_start, 2))
+            metrics_file.write(json.dumps(metrics) + "\n")
+            metrics_file.flush()
+            shown = {k: metrics[k] for k in ("loss", "reward", "kl", "clip_fraction") if k in metrics}
+            progress.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
+            if cfg.log_every and (step + 1) % cfg.log_every == 0:
+                progress.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in metrics.items()))
+            if stop.requested or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                saved = save_checkpoint(output_dir, step + 1, policy, processor, optimizer,
+                                        scheduler, cfg.keep_checkpoints)
+                if stop.requested:
+                    progress.close()
+                    raise TrainingStopped(f"interrupted: saved {saved}; continue with "
+                                          f"--resume last --output_dir {cfg.output_dir}")
+    progress.close()
+    steps_run = cfg.steps - start_step
     train_seconds = time.perf_counter() - train_start
     with timer("eval"):
         for mode in ("sampled", "greedy"):
@@ -876,7 +946,7 @@ def train(cfg: Config) -> dict:
                                               mode == "greedy", cfg.seed)
     print_eval(f"after {cfg.algo}", results["after"], test_examples, cfg.examples)
     save_model(policy, processor, output_dir / "final", cfg.save_dtype)
-    results["timing"] = timing_summary(timer, cfg.steps, train_seconds)
+    results["timing"] = timing_summary(timer, steps_run, train_seconds)
     for when in ("before", "after"):
         for mode in results[when].values():
             mode.pop("predictions", None)
@@ -884,6 +954,10 @@ def train(cfg: Config) -> dict:
         json.dump(results, f, indent=1)
     print_summary(results, cfg)
     return results
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped early on purpose (Ctrl-C, or a NaN loss): a one-line message, exit 1."""
 
 
 def timing_summary(timer: Timer, steps: int, train_seconds: float) -> dict:
@@ -944,6 +1018,9 @@ def main(argv=None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingStopped as error:
+        print(f"stopped: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import soundfile
 import torch
 
 import grpo_speech as gs
@@ -402,9 +403,10 @@ def test_manifests_parse_and_every_clip_is_16k_mono_speech(toy):
     for (task, split), examples in toy.items():
         assert len(examples) >= 150, (task, split)
         for ex in examples:
-            samples, rate = gs.read_wav(ex["audio_path"])
-            assert rate == 16_000 and samples.shape[0] == 1, ex["where"]
-            assert samples.shape[1] / rate == pytest.approx(ex["duration"], abs=1e-3), ex["where"]
+            info = soundfile.info(ex["audio_path"])
+            assert (info.samplerate, info.channels, info.subtype) == (16_000, 1, "PCM_16"), ex["where"]
+            samples = gs.load_audio(ex["audio_path"])
+            assert samples.numel() / 16_000 == pytest.approx(ex["duration"], abs=1e-3), ex["where"]
             rms = samples.pow(2).mean().sqrt().item()
             assert rms > 0.01 and samples.abs().max() <= 1.0, ex["where"]
             assert ex["speaker"] == ex["tts"]["voice"]
@@ -446,3 +448,105 @@ def test_regenerated_clips_are_byte_identical(toy, make_data, tmp_path):
     make_data.synthesize(jobs)
     for (_, _, path), ex in zip(jobs, chosen):
         assert path.read_bytes() == Path(ex["audio_path"]).read_bytes(), ex["where"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one clear line naming the file (and line), before any model loads
+# ---------------------------------------------------------------------------------------------
+def write_wav(path, samples, rate=16_000, subtype="PCM_16"):
+    soundfile.write(str(path), samples.numpy(), rate, subtype=subtype)
+    return path
+
+
+def sine(seconds=1.0, rate=16_000, frequency=440.0):
+    t = torch.arange(int(seconds * rate)) / rate
+    return 0.5 * torch.sin(2 * math.pi * frequency * t)
+
+
+def write_manifest(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def test_manifest_errors_name_file_and_line(tmp_path):
+    write_wav(tmp_path / "a.wav", sine())
+    good = {"audio": "a.wav", "translation": ["Hallo."]}
+    cases = [
+        ([good, "{not json"], ":2: not valid JSON"),
+        ([good, {"translation": ["x"]}], ":2: missing field 'audio'"),
+        ([good, good, {"audio": "a.wav"}], ":3: missing field 'translation'"),
+        ([{"audio": "a.wav", "translation": ["  "]}], ":1: empty reference text"),
+        ([{"audio": "a.wav", "translation": []}], ":1: empty reference text"),
+        ([good, {"audio": "a.wav", "translation": "x", "task": "tts"}], ":2: unknown task 'tts'"),
+        (["[1, 2]"], ":1: expected a JSON object"),
+        ([], "manifest has no examples"),
+        (["", "  "], "manifest has no examples"),
+    ]
+    for lines, message in cases:
+        path = write_manifest(tmp_path / "m.jsonl", lines)
+        with pytest.raises(gs.UsageError) as error:
+            gs.load_manifest(path, "ast")
+        assert str(path) in str(error.value) and message in str(error.value)
+    sqa = write_manifest(tmp_path / "s.jsonl", [{"audio": "a.wav", "question": "Q?", "answer": "A."}])
+    assert gs.load_manifest(sqa, "sqa")[0]["answer"] == ["A."]       # one string is one reference
+
+
+def test_missing_and_unreadable_audio(tmp_path):
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "text.wav").write_text("not audio at all")
+    write_wav(tmp_path / "silent0.wav", torch.zeros(0))
+    path = write_manifest(tmp_path / "m.jsonl", [{"audio": "gone.wav", "translation": ["x"]}])
+    with pytest.raises(gs.UsageError, match=r"m\.jsonl:1: audio file not found: .*gone\.wav"):
+        gs.ensure_audio(gs.load_manifest(path, "ast"))
+    for name, message in [("empty.wav", "cannot read audio"), ("text.wav", "cannot read audio"),
+                          ("silent0.wav", "has no samples")]:
+        with pytest.raises(gs.UsageError, match=message) as error:
+            gs.load_audio(str(tmp_path / name), "m.jsonl:7")
+        assert str(error.value).startswith("m.jsonl:7: ")
+
+
+def test_audio_formats_rates_and_channels(tmp_path):
+    reference = sine()
+    for subtype in ("PCM_16", "PCM_24", "PCM_32", "FLOAT", "PCM_U8"):
+        samples = gs.load_audio(str(write_wav(tmp_path / f"{subtype}.wav", reference, subtype=subtype)))
+        tolerance = 1e-2 if subtype == "PCM_U8" else 1e-4
+        assert samples.dtype == torch.float32 and torch.allclose(samples, reference, atol=tolerance)
+    flac = gs.load_audio(str(write_wav(tmp_path / "a.flac", reference)))
+    assert torch.allclose(flac, reference, atol=1e-4)
+    # 8 kHz -> resampled to 16 kHz: twice the samples, same tone
+    low = gs.load_audio(str(write_wav(tmp_path / "8k.wav", sine(rate=8_000), rate=8_000)))
+    assert low.numel() == 16_000
+    spectrum = torch.fft.rfft(low).abs()
+    assert spectrum.argmax().item() == 440                      # 1 s of audio: bin = Hz
+    # stereo is averaged: (x + 0.5 x) / 2
+    stereo = torch.stack([reference, 0.5 * reference], dim=1)
+    soundfile.write(str(tmp_path / "stereo.wav"), stereo.numpy(), 16_000)
+    assert torch.allclose(gs.load_audio(str(tmp_path / "stereo.wav")), 0.75 * reference, atol=1e-4)
+
+
+def test_audio_longer_than_the_limit_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(gs, "MAX_AUDIO_SECONDS", 0.5)
+    with pytest.raises(gs.UsageError, match="1 s long, more than the 0 s"):
+        gs.load_audio(str(write_wav(tmp_path / "long.wav", sine())), "m.jsonl:3")
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--group_size", "1"], "needs at least 2"),
+    (["--reward", "meteor"], "unknown --reward 'meteor'"),
+    (["--task", "asr2"], "unknown --task 'asr2'"),
+    (["--algo", "ppo"], "unknown --algo 'ppo'"),
+    (["--loss_type", "mean"], "unknown --loss_type"),
+    (["--scale_rewards", "max"], "unknown --scale_rewards"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--model", "no/such/dir"], "no such checkpoint directory"),
+    (["--train", "missing.jsonl"], "--train missing.jsonl: manifest file not found"),
+    (["--algo", "grpo", "--train_audio"], "--train_audio works with --algo sft only"),
+    (["--eps", "1.5"], "0 < eps < 1"),
+])
+def test_bad_options_are_rejected_before_any_model_loads(options, message, capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(gs, "load_model", no_model)
+    assert gs.main(options) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and message in error and error.count("\n") == 1
