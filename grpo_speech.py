@@ -57,61 +57,82 @@ DATA_DIR = ROOT / "data"
 # =============================================================================================
 # 0. Config
 # =============================================================================================
+def option(default, help: str):
+    """A config field whose help text becomes the --help line of its command-line flag."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
+    """Every option of a run; `python grpo_speech.py --help` lists them with these texts."""
     # --- what to train ---
-    task: str = field(default="ast", metadata={"help": "ast (speech translation En->De) or sqa (spoken question answering)"})
-    algo: str = field(default="grpo", metadata={"help": "grpo, mp_grpo (reference injected into each group) or sft (the supervised baseline)"})
-    model: str = field(default=str(DATA_DIR / "granite-speech-tiny"), metadata={"help": "checkpoint directory or hub id (e.g. ibm-granite/granite-speech-3.3-2b)"})
-    train: str = field(default="", metadata={"help": "training manifest (JSONL); default data/<task>/train.jsonl"})
-    test: str = field(default="", metadata={"help": "evaluation manifest (JSONL); default data/<task>/test.jsonl"})
-    output_dir: str = field(default="", metadata={"help": "where metrics, checkpoints and the final model go; default runs/<task>-<algo>-seed<seed>"})
-    reward: str = field(default="bleu", metadata={"help": "reward metric: bleu, chrf, ter or rouge_l (paper: bleu)"})
+    task: str = option("ast", "ast (speech translation En->De) or sqa (spoken question answering)")
+    algo: str = option("grpo",
+        "grpo, mp_grpo (reference injected into each group) or sft (the supervised baseline)")
+    model: str = option(str(DATA_DIR / "granite-speech-tiny"),
+        "checkpoint directory or hub id (e.g. ibm-granite/granite-speech-3.3-2b)")
+    train: str = option("", "training manifest (JSONL); default data/<task>/train.jsonl")
+    test: str = option("", "evaluation manifest (JSONL); default data/<task>/test.jsonl")
+    output_dir: str = option("",
+        "where metrics, checkpoints and the final model go; default runs/<task>-<algo>-seed<seed>")
+    reward: str = option("bleu", "reward metric: bleu, chrf, ter or rouge_l (paper: bleu)")
     # --- GRPO (paper section 3) ---
-    group_size: int = field(default=8, metadata={"help": "G, completions sampled per prompt (paper: 8)"})
-    beta: float = field(default=0.02, metadata={"help": "weight of the KL penalty to the reference model (paper: 0.02)"})
-    eps: float = field(default=0.2, metadata={"help": "PPO clip range: ratios outside [1-eps, 1+eps] get no gradient"})
-    eps_high: float = field(default=-1.0, metadata={"help": "upper clip range if different from eps (DAPO's clip-higher); -1 = eps"})
-    loss_type: str = field(default="dapo", metadata={"help": "token aggregation: dapo (paper), grpo (per-sequence mean) or dr_grpo"})
-    scale_rewards: str = field(default="group", metadata={"help": "advantage scaling: group std (paper), batch std, or none (Dr. GRPO)"})
-    num_iterations: int = field(default=1, metadata={"help": "policy updates per sampled batch (mu); 1 makes the ratio exactly 1"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature during training (paper: 1.0)"})
-    max_completion_length: int = field(default=48, metadata={"help": "most tokens sampled per answer (paper: 200; toy answers are short)"})
-    policy_shaping: float = field(default=0.0, metadata={"help": "MP-GRPO: LUFFY's f(p) = p / (p + gamma) on off-policy tokens with this gamma; 0 = off (paper)"})
+    group_size: int = option(8, "G, completions sampled per prompt (paper: 8)")
+    beta: float = option(0.02, "weight of the KL penalty to the reference model (paper: 0.02)")
+    eps: float = option(0.2, "PPO clip range: ratios outside [1-eps, 1+eps] get no gradient")
+    eps_high: float = option(-1.0,
+        "upper clip range if different from eps (DAPO's clip-higher); -1 = eps")
+    loss_type: str = option("dapo",
+        "token aggregation: dapo (paper), grpo (per-sequence mean) or dr_grpo")
+    scale_rewards: str = option("group",
+        "advantage scaling: group std (paper), batch std, or none (Dr. GRPO)")
+    num_iterations: int = option(1,
+        "policy updates per sampled batch (mu); 1 makes the ratio exactly 1")
+    temperature: float = option(1.0, "sampling temperature during training (paper: 1.0)")
+    max_completion_length: int = option(48,
+        "most tokens sampled per answer (paper: 200; toy answers are short)")
+    policy_shaping: float = option(0.0,
+        "MP-GRPO: LUFFY's shaping f(p) = p / (p + gamma) on off-policy tokens; 0 = off (paper)")
     # --- optimisation ---
-    steps: int = field(default=200, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=4, metadata={"help": "prompts per step (each sampled G times)"})
-    sft_batch_size: int = field(default=0, metadata={"help": "SFT examples per step; 0 = batch_size * group_size, the sequences of one GRPO step"})
-    lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "share of steps with linear learning-rate warm-up"})
-    lr_scheduler: str = field(default="constant_with_warmup", metadata={"help": "any transformers scheduler name (constant_with_warmup, cosine, linear)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    train_audio: bool = field(default=False, metadata={"help": "also train the speech encoder and projector (SFT only; used to pretrain the toy base)"})
+    steps: int = option(200, "optimizer steps")
+    batch_size: int = option(4, "prompts per step (each sampled G times)")
+    sft_batch_size: int = option(0,
+        "SFT examples per step; 0 = batch_size * group_size, the sequences of one GRPO step")
+    lr: float = option(2e-4, "AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_ratio: float = option(0.05, "share of steps with linear learning-rate warm-up")
+    lr_scheduler: str = option("constant_with_warmup",
+        "any transformers scheduler name (constant_with_warmup, cosine, linear)")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    train_audio: bool = option(False,
+        "also train the speech encoder and projector (SFT only; used to pretrain the toy base)")
     # --- evaluation (paper: sampling with top-p 0.9, temperature 0.9) ---
-    eval_temperature: float = field(default=0.9, metadata={"help": "sampling temperature for evaluation"})
-    eval_top_p: float = field(default=0.9, metadata={"help": "nucleus sampling top-p for evaluation"})
-    eval_batch_size: int = field(default=50, metadata={"help": "clips per evaluation batch"})
-    eval_limit: int = field(default=0, metadata={"help": "evaluate on the first N test clips only; 0 = all"})
-    skip_base_eval: bool = field(default=False, metadata={"help": "do not evaluate the model before training"})
+    eval_temperature: float = option(0.9, "sampling temperature for evaluation")
+    eval_top_p: float = option(0.9, "nucleus sampling top-p for evaluation")
+    eval_batch_size: int = option(50, "clips per evaluation batch")
+    eval_limit: int = option(0, "evaluate on the first N test clips only; 0 = all")
+    skip_base_eval: bool = option(False, "do not evaluate the model before training")
     # --- running ---
-    seed: int = field(default=0, metadata={"help": "seed for data order, sampling and initialisation"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
-    dtype: str = field(default="auto", metadata={"help": "float32, bfloat16 or auto (float32 on CPU, bfloat16 on GPU)"})
-    save_dtype: str = field(default="auto", metadata={"help": "dtype of the saved final model: auto (as trained), float32 or bfloat16"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = all cores"})
-    log_every: int = field(default=10, metadata={"help": "print a metrics line every N steps"})
-    save_every: int = field(default=0, metadata={"help": "write a resumable checkpoint every N steps; 0 = only at the end"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "how many step checkpoints to keep"})
-    resume: str = field(default="", metadata={"help": "continue from a checkpoint directory, or 'last' for the newest in output_dir"})
-    examples: int = field(default=3, metadata={"help": "example predictions to print after evaluation"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow a checkpoint's own Python code (off: only transformers' classes run)"})
+    seed: int = option(0, "seed for data order, sampling and initialisation")
+    device: str = option("auto", "cpu, cuda or auto")
+    dtype: str = option("auto", "float32, bfloat16 or auto (float32 on CPU, bfloat16 on GPU)")
+    save_dtype: str = option("auto",
+        "dtype of the saved final model: auto (as trained), float32 or bfloat16")
+    threads: int = option(0, "torch CPU threads; 0 = all cores")
+    log_every: int = option(10, "print a metrics line every N steps")
+    save_every: int = option(0, "write a resumable checkpoint every N steps; 0 = only at the end")
+    keep_checkpoints: int = option(2, "how many step checkpoints to keep")
+    resume: str = option("",
+        "continue from a checkpoint directory, or 'last' for the newest in output_dir")
+    examples: int = option(3, "example predictions to print after evaluation")
+    trust_remote_code: bool = option(False,
+        "allow a checkpoint's own Python code (off: only transformers' classes run)")
 
 
-TASK_NAMES = ("ast", "sqa")
-ALGOS = ("grpo", "mp_grpo", "sft")
-LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
-SCALES = ("group", "batch", "none")
+CHOICES = {"task": ("ast", "sqa"), "algo": ("grpo", "mp_grpo", "sft"),
+           "loss_type": ("dapo", "grpo", "dr_grpo"), "scale_rewards": ("group", "batch", "none"),
+           "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
+           "save_dtype": ("auto", "float32", "bfloat16")}
 
 
 class UsageError(ValueError):
@@ -120,16 +141,10 @@ class UsageError(ValueError):
 
 def check_config(cfg: Config) -> Config:
     """Reject bad options before any model is loaded; fill in the defaults that depend on others."""
-    if cfg.task not in TASK_NAMES:
-        raise UsageError(f"unknown --task {cfg.task!r}: choose one of {', '.join(TASK_NAMES)}")
-    if cfg.algo not in ALGOS:
-        raise UsageError(f"unknown --algo {cfg.algo!r}: choose one of {', '.join(ALGOS)}")
-    if cfg.reward not in REWARDS:
-        raise UsageError(f"unknown --reward {cfg.reward!r}: choose one of {', '.join(REWARDS)}")
-    if cfg.loss_type not in LOSS_TYPES:
-        raise UsageError(f"unknown --loss_type {cfg.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
-    if cfg.scale_rewards not in SCALES:
-        raise UsageError(f"unknown --scale_rewards {cfg.scale_rewards!r}: choose one of {', '.join(SCALES)}")
+    for name, allowed in {**CHOICES, "reward": tuple(REWARDS)}.items():
+        if getattr(cfg, name) not in allowed:
+            raise UsageError(f"unknown --{name} {getattr(cfg, name)!r}: choose one of "
+                             f"{', '.join(allowed)}")
     if cfg.algo != "sft" and cfg.group_size < 2:
         raise UsageError(f"--group_size {cfg.group_size}: GRPO compares answers within a group, it needs at least 2")
     if cfg.algo != "sft" and cfg.train_audio:

@@ -550,3 +550,123 @@ def test_bad_options_are_rejected_before_any_model_loads(options, message, capsy
     assert gs.main(options) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: ") and message in error and error.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end through the real CLI, on the shipped tiny model and a handful of toy clips
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_data(toy, tmp_path_factory):
+    """8 training and 6 test clips of toy AST, as manifests with absolute audio paths."""
+    folder = tmp_path_factory.mktemp("small")
+    manifests = {}
+    for split, count in (("train", 8), ("test", 6)):
+        lines = [{"audio": ex["audio_path"], "translation": ex["translation"]}
+                 for ex in toy[("ast", split)][:count]]
+        manifests[split] = str(write_manifest(folder / f"{split}.jsonl", lines))
+    return manifests
+
+
+def run_cli(small_data, output_dir, *options):
+    argv = ["--task", "ast", "--train", small_data["train"], "--test", small_data["test"],
+            "--steps", "3", "--batch_size", "2", "--group_size", "4", "--eval_batch_size", "6",
+            "--max_completion_length", "24", "--log_every", "0", "--output_dir", str(output_dir),
+            *options]
+    return gs.main(argv)
+
+
+def read_metrics(output_dir):
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["grpo", "mp_grpo", "sft"])
+def test_cli_trains_evaluates_and_saves(algo, small_data, tmp_path, capsys):
+    assert run_cli(small_data, tmp_path, "--algo", algo) == 0
+    out = capsys.readouterr().out
+    assert "BLEU" in out and "nrefs:var" in out and "s/step" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    for when in ("before", "after"):
+        for mode in ("sampled", "greedy"):
+            assert 0.0 <= results[when][mode]["bleu"] <= 100.0
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(math.isfinite(v) for m in metrics for v in m.values() if isinstance(v, float))
+    if algo != "sft":
+        assert all(0.0 <= m["reward"] <= 1.0 and m["ratio"] == 1.0 and m["clip_fraction"] == 0.0
+                   for m in metrics)
+    from transformers import GraniteSpeechForConditionalGeneration
+    model = GraniteSpeechForConditionalGeneration.from_pretrained(tmp_path / "final")
+    assert sum(p.numel() for p in model.parameters()) > 1_000_000
+
+
+@pytest.mark.slow
+def test_encode_once_sampling_matches_generate_with_features(small_data):
+    cfg = gs.check_config(gs.Config(train=small_data["train"], test=small_data["test"]))
+    processor, model = gs.load_model(cfg, torch.device("cpu"))
+    batch = gs.make_batch(gs.load_manifest(cfg.test, "ast")[:3], processor, torch.device("cpu"))
+    eos = model.config.text_config.eos_token_id
+    ours = gs.sample(model, batch, gs.encode_audio(model, batch), 2, 20, greedy=True)
+    library = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             input_features=batch.input_features,
+                             input_features_mask=batch.audio_mask, num_return_sequences=2,
+                             do_sample=False, max_new_tokens=20, pad_token_id=eos, eos_token_id=eos,
+                             suppress_tokens=[model.config.audio_token_id])
+    assert torch.equal(ours, library[:, batch.input_ids.shape[1]:])
+
+
+@pytest.mark.slow
+def test_equal_rewards_give_no_update_and_no_nan(small_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(gs.REWARDS, "bleu", lambda completions, refs: torch.full((len(completions),), 0.5))
+    assert run_cli(small_data, tmp_path, "--steps", "1", "--skip_base_eval") == 0
+    (metrics,) = read_metrics(tmp_path)
+    assert metrics["zero_std_groups"] == 1.0 and metrics["loss"] == 0.0 and metrics["kl"] == 0.0
+    from safetensors.torch import load_file
+    before = load_file(str(DATA / "granite-speech-tiny" / "model.safetensors"))
+    after = load_file(str(tmp_path / "final" / "model.safetensors"))
+    assert all(torch.equal(before[k].float(), after[k].float()) for k in before)   # A = 0: no step
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_data, tmp_path, monkeypatch, capsys):
+    real_loss, calls = gs.grpo_loss, []
+
+    def nan_on_third_step(*args, **kwargs):
+        loss, diagnostics = real_loss(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), diagnostics
+    monkeypatch.setattr(gs, "grpo_loss", nan_on_third_step)
+    assert run_cli(small_data, tmp_path, "--save_every", "2", "--skip_base_eval") == 1
+    error = capsys.readouterr().err
+    assert "step 3: loss is nan" in error and "checkpoint-000002" in error
+    assert (tmp_path / "checkpoint-000002" / "model.safetensors").is_file()
+    assert not (tmp_path / "final").exists() and [m["step"] for m in read_metrics(tmp_path)] == [1, 2]
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_like_an_uninterrupted_one(small_data, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+    options = ("--steps", "5", "--skip_base_eval", "--save_every", "10")
+    assert run_cli(small_data, tmp_path / "straight", *options) == 0
+    straight = read_metrics(tmp_path / "straight")
+
+    real_step, calls = gs.grpo_step, []
+
+    def ctrl_c_during_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)       # what Ctrl-C does; the step still finishes
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(gs, "grpo_step", ctrl_c_during_third_step)
+    assert run_cli(small_data, tmp_path / "cut", *options) == 1
+    assert "--resume last" in capsys.readouterr().err
+    assert [m["step"] for m in read_metrics(tmp_path / "cut")] == [1, 2, 3]
+    assert (tmp_path / "cut" / "checkpoint-000003").is_dir()
+    monkeypatch.setattr(gs, "grpo_step", real_step)
+    assert run_cli(small_data, tmp_path / "cut", *options, "--resume", "last") == 0
+    resumed = read_metrics(tmp_path / "cut")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
+    for a, b in zip(straight, resumed):
+        for key in ("loss", "reward", "kl", "completion_tokens", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
