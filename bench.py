@@ -30,7 +30,7 @@ parser.add_argument("--group_size", type=int, default=8, help="G")
 parser.add_argument("--max_completion_length", type=int, default=48)
 parser.add_argument("--repeats", type=int, default=5, help="timed repetitions of each measurement")
 parser.add_argument("--device", default="auto")
-parser.add_argument("--dtype", default="auto")
+parser.add_argument("--dtype", default="float32")
 parser.add_argument("--threads", type=int, default=0)
 args = parser.parse_args()
 
