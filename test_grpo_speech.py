@@ -606,10 +606,10 @@ def test_encode_once_sampling_matches_generate_with_features(small_data):
     processor, model = gs.load_model(cfg, torch.device("cpu"))
     batch = gs.make_batch(gs.load_manifest(cfg.test, "ast")[:3], processor, torch.device("cpu"))
     eos = model.config.text_config.eos_token_id
-    ours = gs.sample(model, batch, gs.encode_audio(model, batch), 2, 20, greedy=True)
+    ours = gs.sample(model, batch, gs.encode_audio(model, batch), 1, 20, greedy=True)
     library = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                              input_features=batch.input_features,
-                             input_features_mask=batch.audio_mask, num_return_sequences=2,
+                             input_features_mask=batch.audio_mask,
                              do_sample=False, max_new_tokens=20, pad_token_id=eos, eos_token_id=eos,
                              suppress_tokens=[model.config.audio_token_id])
     assert torch.equal(ours, library[:, batch.input_ids.shape[1]:])
