@@ -1,6 +1,6 @@
 """Create the tiny Granite Speech checkpoint that the toy base model is trained from.
 
-    python data/make_tiny_model.py --out data/granite-speech-tiny-init --ctc_steps 1500
+    python data/make_tiny_model.py --out data/granite-speech-tiny-init --ctc_steps 900
 
 It writes a normal Hugging Face checkpoint directory (config, safetensors weights, tokenizer,
 processor config with the Granite feature extractor), so that `from_pretrained` loads it exactly
@@ -13,7 +13,7 @@ The LLM and projector weights are random. The speech encoder is first trained al
 characters (Granite Speech's encoder is a CTC encoder trained the same way before the projector
 and LLM are attached): trained from scratch end to end through the LLM, a model this small
 learns the text prior and ignores the audio for a long time. The base model that GRPO starts
-from is this checkpoint after the SFT pretraining command in data/README.md.
+from is this checkpoint after the two SFT pretraining commands in data/README.md.
 """
 import argparse
 import json
@@ -191,7 +191,7 @@ def main():
     parser.add_argument("--llm_hidden", type=int, default=192)
     parser.add_argument("--llm_layers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ctc_steps", type=int, default=1500, help="encoder CTC pretraining steps")
+    parser.add_argument("--ctc_steps", type=int, default=900, help="encoder CTC pretraining steps")
     parser.add_argument("--ctc_batch_size", type=int, default=32)
     parser.add_argument("--ctc_lr", type=float, default=1e-3)
     args = parser.parse_args()
