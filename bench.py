@@ -80,7 +80,8 @@ eos = policy.config.text_config.eos_token_id
 # Sampling runs to the full length (min_new_tokens) so that both ways make the same tokens.
 def generation_options(greedy):
     # transformers refuses several greedy copies of one prompt: the greedy check uses one.
-    return dict(num_return_sequences=1 if greedy else G, do_sample=not greedy, top_k=0,
+    sampling = {} if greedy else dict(top_k=0)      # top_k is a sampling flag only
+    return dict(num_return_sequences=1 if greedy else G, do_sample=not greedy, **sampling,
                 max_new_tokens=cfg.max_completion_length,
                 min_new_tokens=0 if greedy else cfg.max_completion_length,
                 suppress_tokens=[policy.config.audio_token_id], pad_token_id=eos, eos_token_id=eos)
