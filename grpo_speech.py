@@ -66,7 +66,8 @@ def option(default, help: str):
 class Config:
     """Every option of a run; `python grpo_speech.py --help` lists them with these texts."""
     # --- what to train ---
-    task: str = option("ast", "ast (speech translation En->De) or sqa (spoken question answering)")
+    task: str = option("ast", "ast (speech translation En->De), sqa (spoken question answering) "
+                       "or asr (transcription; manifests default to data/ast/*, scored by WER too)")
     algo: str = option("grpo",
         "grpo, mp_grpo (reference injected into each group) or sft (the supervised baseline)")
     model: str = option(str(DATA_DIR / "granite-speech-tiny"),
@@ -94,7 +95,7 @@ class Config:
     policy_shaping: float = option(0.0,
         "MP-GRPO: LUFFY's shaping f(p) = p / (p + gamma) on off-policy tokens; 0 = off (paper)")
     # --- optimisation ---
-    steps: int = option(200, "optimizer steps")
+    steps: int = option(200, "optimizer steps; 0 = only evaluate --model on --test")
     batch_size: int = option(4, "prompts per step (each sampled G times)")
     sft_batch_size: int = option(0,
         "SFT examples per step; 0 = batch_size * group_size, the sequences of one GRPO step")
@@ -104,14 +105,17 @@ class Config:
     lr_scheduler: str = option("constant_with_warmup",
         "any transformers scheduler name (constant_with_warmup, cosine, linear)")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
-    train_audio: bool = option(False,
-        "also train the speech encoder and projector (SFT only; used to pretrain the toy base)")
+    train_projector: bool = option(False,
+        "SFT only: also train the projector (the speech encoder is always frozen)")
     # --- evaluation (paper: sampling with top-p 0.9, temperature 0.9) ---
     eval_temperature: float = option(0.9, "sampling temperature for evaluation")
     eval_top_p: float = option(0.9, "nucleus sampling top-p for evaluation")
     eval_batch_size: int = option(50, "clips per evaluation batch")
     eval_limit: int = option(0, "evaluate on the first N test clips only; 0 = all")
     skip_base_eval: bool = option(False, "do not evaluate the model before training")
+    eval_audio: str = option("speech",
+        "what the model hears in evaluation: speech, or silence / shuffled (another clip) to "
+        "check that it listens")
     # --- running ---
     seed: int = option(0, "seed for data order, sampling and initialisation")
     device: str = option("auto", "cpu, cuda or auto")
@@ -129,7 +133,7 @@ class Config:
         "allow a checkpoint's own Python code (off: only transformers' classes run)")
 
 
-CHOICES = {"task": ("ast", "sqa"), "algo": ("grpo", "mp_grpo", "sft"),
+CHOICES = {"task": ("ast", "sqa", "asr"), "eval_audio": ("speech", "silence", "shuffled"), "algo": ("grpo", "mp_grpo", "sft"),
            "loss_type": ("dapo", "grpo", "dr_grpo"), "scale_rewards": ("group", "batch", "none"),
            "device": ("auto", "cpu", "cuda"), "dtype": ("float32", "bfloat16"),
            "save_dtype": ("auto", "float32", "bfloat16")}
@@ -147,9 +151,11 @@ def check_config(cfg: Config) -> Config:
                              f"{', '.join(allowed)}")
     if cfg.algo != "sft" and cfg.group_size < 2:
         raise UsageError(f"--group_size {cfg.group_size}: GRPO compares answers within a group, it needs at least 2")
-    if cfg.algo != "sft" and cfg.train_audio:
-        raise UsageError("--train_audio works with --algo sft only: GRPO encodes each clip once, without gradients")
-    for name in ("steps", "batch_size", "eval_batch_size", "max_completion_length", "num_iterations"):
+    if cfg.algo != "sft" and cfg.train_projector:
+        raise UsageError("--train_projector works with --algo sft only: GRPO encodes each clip once, without gradients")
+    if cfg.steps < 0:
+        raise UsageError(f"--steps must be at least 0, got {cfg.steps}")
+    for name in ("batch_size", "eval_batch_size", "max_completion_length", "num_iterations"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if not 0 < cfg.eps < 1 or cfg.beta < 0 or cfg.temperature <= 0 or cfg.eval_temperature <= 0:
@@ -157,10 +163,11 @@ def check_config(cfg: Config) -> Config:
     cfg.sft_batch_size = cfg.sft_batch_size or cfg.batch_size * cfg.group_size
     if cfg.eps_high < 0:
         cfg.eps_high = cfg.eps
-    cfg.train = cfg.train or str(DATA_DIR / cfg.task / "train.jsonl")
-    cfg.test = cfg.test or str(DATA_DIR / cfg.task / "test.jsonl")
+    toy = DATA_DIR / ("ast" if cfg.task == "asr" else cfg.task)   # AST clips have transcripts
+    cfg.train = cfg.train or str(toy / "train.jsonl")
+    cfg.test = cfg.test or str(toy / "test.jsonl")
     cfg.output_dir = cfg.output_dir or str(ROOT / "runs" / f"{cfg.task}-{cfg.algo}-seed{cfg.seed}")
-    for name in ("train", "test"):
+    for name in ("train", "test") if cfg.steps else ("test",):
         if not Path(getattr(cfg, name)).is_file():
             raise UsageError(f"--{name} {getattr(cfg, name)}: manifest file not found")
     if not Path(cfg.model).is_dir() and not re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.model):
@@ -273,11 +280,12 @@ def references_of(example: dict) -> list[str]:
 
 @dataclass
 class Batch:
-    """P prompts: left-padded prompt tokens with <|audio|> expanded, and log-mel features."""
+    """P prompts: left-padded prompt tokens with <|audio|> expanded, and each clip's log-mel
+    features, unpadded (a clip must sound the same alone and in a batch, see encode_audio)."""
     examples: list[dict]
     input_ids: torch.Tensor            # (P, L)
     attention_mask: torch.Tensor       # (P, L)
-    input_features: torch.Tensor       # (P, frames, 160)
+    input_features: list[torch.Tensor]  # P tensors (frames_p, 160)
     audio_mask: torch.Tensor           # (P, audio tokens): which projector outputs are real
 
     @property
@@ -285,12 +293,15 @@ class Batch:
         return [references_of(ex) for ex in self.examples]
 
 
-def make_batch(examples: list[dict], processor, device) -> Batch:
-    audio = [load_audio(ex["audio_path"], ex["where"]) for ex in examples]
+def make_batch(examples: list[dict], processor, device, audio: list | None = None) -> Batch:
+    """Tokens and features of P examples; `audio` replaces their clips (the listening checks)."""
+    audio = audio or [load_audio(ex["audio_path"], ex["where"]) for ex in examples]
     texts = [prompt_text(ex, processor.tokenizer) for ex in examples]
     inputs = processor(text=texts, audio=audio, return_tensors="pt", padding=True)
+    # The processor pads the features of a batch to its longest clip; compute each clip's alone.
+    features = [processor.audio_processor([clip])["input_features"][0].to(device) for clip in audio]
     return Batch(examples, inputs["input_ids"].to(device), inputs["attention_mask"].to(device),
-                 inputs["input_features"].to(device), inputs["input_features_mask"].to(device))
+                 features, inputs["input_features_mask"].to(device))
 
 
 def batch_at(examples: list[dict], step: int, batch_size: int, seed: int) -> list[dict]:
@@ -313,10 +324,11 @@ def batch_at(examples: list[dict], step: int, batch_size: int, seed: int) -> lis
 def load_model(cfg: Config, device):
     """Processor and GraniteSpeechForConditionalGeneration, loaded as for any HF checkpoint.
 
-    Weights load from safetensors only. The speech encoder and projector stay frozen and in eval
-    mode unless --train_audio: the conformer's BatchNorm and dropout would otherwise give the
-    rollout and the update different audio embeddings for the same clip (the paper trains the
-    LLM side; its released models put LoRA on the LLM only).
+    Weights load from safetensors only. The speech encoder is frozen and in eval mode for good,
+    the projector too unless --train_projector (SFT): the conformer's BatchNorm and dropout would
+    otherwise give the rollout and the update different audio embeddings for the same clip, and
+    an encoder trained through the LLM forgets how to hear (the paper trains the LLM side; the
+    released models put LoRA on the LLM only).
     """
     from transformers import GraniteSpeechForConditionalGeneration, GraniteSpeechProcessor
     # float32 by default, also on a GPU (with TF32 matmuls): AdamW updates of 1e-6 vanish in
@@ -331,17 +343,16 @@ def load_model(cfg: Config, device):
     if getattr(model, "_hf_peft_config_loaded", False):
         model.enable_adapters()                         # real checkpoints: LoRA on for audio
     model.eval()
-    audio_modules = [model.model.encoder, model.model.projector]
-    for module in audio_modules:
-        module.requires_grad_(cfg.train_audio)
+    model.model.encoder.requires_grad_(False)
+    model.model.projector.requires_grad_(cfg.train_projector)
     return processor, model
 
 
-def set_train_mode(model, train_audio: bool) -> None:
-    """Dropout on for the LLM; the frozen encoder and projector stay deterministic."""
+def set_train_mode(model, train_projector: bool) -> None:
+    """Dropout on for what trains; the frozen encoder (and projector) stay deterministic."""
     model.train()
-    if not train_audio:
-        model.model.encoder.eval()
+    model.model.encoder.eval()
+    if not train_projector:
         model.model.projector.eval()
 
 
@@ -353,8 +364,21 @@ def logits_scale(model) -> float:
 
 
 def encode_audio(model, batch: Batch) -> torch.Tensor:
-    """Speech encoder + projector, once per prompt: (P, audio tokens, hidden)."""
-    return model.get_audio_features(batch.input_features.to(model.dtype)).pooler_output
+    """Speech encoder + projector, once per prompt, each clip alone: (P, audio tokens, hidden).
+
+    The conformer has no padding mask: in a padded batch its attention and convolutions would
+    mix padding into a clip's frames, so the same clip would give other embeddings (and other
+    answers) with other batch mates. The encoder is frozen: it runs without gradients; the
+    projector gets them when it is being trained.
+    """
+    encoder, projector = model.model.encoder, model.model.projector
+    train_encoder = any(p.requires_grad for p in encoder.parameters())
+    embeds = []
+    for features in batch.input_features:                               # (frames, 160)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
+            hidden = encoder(features[None].to(model.dtype)).last_hidden_state
+        embeds.append(projector(hidden)[0])                             # (audio tokens, H)
+    return torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)    # (P, A, H)
 
 
 def embed(model, input_ids, audio_embeds, audio_mask) -> torch.Tensor:
@@ -371,7 +395,10 @@ def completion_logits(model, prompt_ids, prompt_mask, audio_embeds, audio_mask, 
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, torch.ones_like(completion_ids)], dim=1)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    inputs_embeds = embed(model, input_ids, audio_embeds, audio_mask)
+    if audio_embeds is None:                           # a text-only prompt (the toy base's pretraining)
+        inputs_embeds = model.get_input_embeddings()(input_ids)
+    else:
+        inputs_embeds = embed(model, input_ids, audio_embeds, audio_mask)
     num_completion = completion_ids.shape[1]
     logits = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                    position_ids=position_ids, logits_to_keep=num_completion + 1).logits
@@ -485,6 +512,30 @@ def rouge_l_rewards(completions: list[str], references: list[list[str]]) -> torc
 
 
 REWARDS = {"bleu": bleu_rewards, "chrf": chrf_rewards, "ter": ter_rewards, "rouge_l": rouge_l_rewards}
+
+
+def edit_distance(hypothesis: list | str, reference: list | str) -> int:
+    """Levenshtein distance: the fewest insertions, deletions and substitutions (one row of
+    the dynamic-programming table at a time)."""
+    row = list(range(len(reference) + 1))
+    for i, h in enumerate(hypothesis, start=1):
+        previous_diagonal, row[0] = row[0], i
+        for j, r in enumerate(reference, start=1):
+            previous_diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1,
+                                                    previous_diagonal + (h != r))
+    return row[-1]
+
+
+def word_error_rate(predictions: list[str], references: list[list[str]]) -> float:
+    """Corpus WER in %: word edits summed over lines / reference words summed over lines, on
+    lower-cased words without punctuation, against each line's closest reference."""
+    def words(text):
+        return re.sub(r"[^\w\s']", " ", text.lower()).split()
+    errors = total = 0
+    for prediction, refs in zip(predictions, references):
+        best = min((edit_distance(words(prediction), words(r)), len(words(r))) for r in refs)
+        errors, total = errors + best[0], total + best[1]
+    return 100.0 * errors / max(total, 1)
 
 
 # =============================================================================================
@@ -647,21 +698,35 @@ def answer_ids(tokenizer, texts: list[str], eos_token_id: int) -> list[torch.Ten
 # =============================================================================================
 # 8. Evaluation: corpus BLEU and chrF on the test manifest
 # =============================================================================================
+def replacement_audio(examples: list[dict], kind: str) -> list[torch.Tensor] | None:
+    """The listening checks: what the model hears instead of each example's own clip.
+    "silence": 1 s of zeros; "shuffled": the clip of the next example (a wrong but real clip);
+    "speech": None, the examples' own clips."""
+    if kind == "silence":
+        return [torch.zeros(SAMPLING_RATE) for _ in examples]
+    if kind == "shuffled":
+        return [load_audio(ex["audio_path"], ex["where"]) for ex in examples[1:] + examples[:1]]
+    return None
+
+
 @torch.no_grad()
 def evaluate(model, processor, examples: list[dict], cfg: Config, greedy: bool, seed: int) -> dict:
     """Answer every test clip once (sampled with top-p/temperature as in the paper, or greedy)
-    and score the corpus with sacrebleu. The RNG is forked: evaluating does not change the
-    training run's random stream."""
+    and score the corpus with sacrebleu (BLEU, chrF) and WER. The RNG is forked: evaluating does
+    not change the training run's random stream. Each clip is encoded alone, so the scores do
+    not depend on --eval_batch_size."""
     from sacrebleu.metrics import BLEU, CHRF
     from tqdm import tqdm
     model.eval()
     predictions = []
     device = next(model.parameters()).device
+    audio_kind = cfg.eval_audio
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in tqdm(range(0, len(examples), cfg.eval_batch_size), leave=False,
                           desc="eval greedy" if greedy else "eval sampled", file=sys.stderr):
-            batch = make_batch(examples[start:start + cfg.eval_batch_size], processor, device)
+            chunk = examples[start:start + cfg.eval_batch_size]
+            batch = make_batch(chunk, processor, device, replacement_audio(chunk, audio_kind))
             ids = sample(model, batch, encode_audio(model, batch), 1, cfg.max_completion_length,
                          cfg.eval_temperature, cfg.eval_top_p, greedy=greedy)
             mask = completion_mask(ids, model.config.text_config.eos_token_id)
@@ -673,6 +738,7 @@ def evaluate(model, processor, examples: list[dict], cfg: Config, greedy: bool, 
     bleu, chrf = BLEU(), CHRF()
     return {"bleu": bleu.corpus_score(predictions, streams).score,
             "chrf": chrf.corpus_score(predictions, streams).score,
+            "wer": word_error_rate(predictions, references),
             "signature": str(bleu.get_signature()), "predictions": predictions}
 
 
@@ -746,7 +812,7 @@ def grpo_step(cfg, policy, reference, processor, optimizer, batch: Batch, timer:
             ref_logp = sequence_log_probs(completion_logits(reference, *forward), completion_ids,
                                           mask, cfg.temperature)
     # 4. Policy update(s). With num_iterations == 1 the old policy is the current one.
-    set_train_mode(policy, cfg.train_audio)
+    set_train_mode(policy, cfg.train_projector)
     old_logp = None
     for _ in range(cfg.num_iterations):
         with timer("forward"):
@@ -770,14 +836,14 @@ def sft_step(cfg, policy, processor, optimizer, batch: Batch, timer: Timer, rng:
     """One supervised step: maximise the log-likelihood of one reference answer per example."""
     eos = policy.config.text_config.eos_token_id
     pad = policy.config.text_config.pad_token_id
-    set_train_mode(policy, cfg.train_audio)
+    set_train_mode(policy, cfg.train_projector)
     with timer("forward"):
         targets = answer_ids(processor.tokenizer, [rng.choice(r) for r in batch.references], eos)
         target_ids = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True,
                                                      padding_value=pad).to(batch.input_ids.device)
         mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(t)) for t in targets],
                                                batch_first=True).to(batch.input_ids.device)
-        with torch.set_grad_enabled(cfg.train_audio):
+        with torch.set_grad_enabled(cfg.train_projector):
             audio_embeds = encode_audio(policy, batch)
         logits = completion_logits(policy, batch.input_ids, batch.attention_mask, audio_embeds,
                                    batch.audio_mask, target_ids)
@@ -871,13 +937,15 @@ def train(cfg: Config) -> dict:
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = find_checkpoint(cfg)
-    train_examples = load_manifest(cfg.train, cfg.task)
+    train_examples = load_manifest(cfg.train, cfg.task) if cfg.steps else []
     test_examples = load_manifest(cfg.test, cfg.task)
     if cfg.eval_limit:
         test_examples = test_examples[:cfg.eval_limit]
     ensure_audio(train_examples + test_examples)
     timer = Timer()
     processor, policy = load_model(cfg, device)
+    if cfg.steps == 0:
+        return evaluate_only(cfg, policy, processor, test_examples, output_dir)
     reference = None
     if cfg.algo != "sft" and cfg.beta > 0:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)      # pi_ref: frozen
@@ -973,6 +1041,21 @@ def train(cfg: Config) -> dict:
     return results
 
 
+def evaluate_only(cfg: Config, model, processor, examples: list[dict], output_dir: Path) -> dict:
+    """--steps 0: score a checkpoint on --test, sampled and greedy; results.json keeps the
+    predictions."""
+    start = time.perf_counter()
+    results = {"config": dataclasses.asdict(cfg), "eval": {
+        mode: evaluate(model, processor, examples, cfg, mode == "greedy", cfg.seed)
+        for mode in ("sampled", "greedy")}}
+    print_eval(f"{cfg.model}, {cfg.eval_audio}", results["eval"], examples, cfg.examples)
+    with open(output_dir / "results.json", "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1, ensure_ascii=False)
+    print(f"evaluated {len(examples)} clips in {time.perf_counter() - start:.0f} s; wrote "
+          f"{output_dir}/results.json")
+    return results
+
+
 class TrainingStopped(RuntimeError):
     """The run stopped early on purpose (Ctrl-C, or a NaN loss): a one-line message, exit 1."""
 
@@ -992,7 +1075,8 @@ def timing_summary(timer: Timer, steps: int, train_seconds: float) -> dict:
 def print_eval(label: str, evaluation: dict, examples: list[dict], count: int) -> None:
     print(f"\n[{label}] BLEU {evaluation['sampled']['bleu']:.2f} (sampled) / "
           f"{evaluation['greedy']['bleu']:.2f} (greedy), chrF {evaluation['sampled']['chrf']:.2f} / "
-          f"{evaluation['greedy']['chrf']:.2f}")
+          f"{evaluation['greedy']['chrf']:.2f}, WER {evaluation['sampled']['wer']:.1f} / "
+          f"{evaluation['greedy']['wer']:.1f}")
     for example, prediction in list(zip(examples, evaluation["greedy"]["predictions"]))[:count]:
         question = f"  Q: {example['question']}\n" if "question" in example else ""
         print(f"{question}  reference: {references_of(example)[0]}\n  greedy:    {prediction}")

@@ -307,6 +307,18 @@ def test_other_rewards():
     assert gs.REWARDS["ter"](["the cat sat"], refs).item() == pytest.approx(0.75)
 
 
+def test_edit_distance_and_word_error_rate_by_hand():
+    assert gs.edit_distance("kitten", "sitting") == 3          # k->s, e->i, +g
+    assert gs.edit_distance([], ["a", "b"]) == 2 and gs.edit_distance(["a"], []) == 1
+    # Line 1: "the cat sat" vs "the cat sat on it": 2 deletions of 5 words.
+    # Line 2: one substitution against the closer of two references (3 words; the other is 4).
+    # Case and punctuation do not count: 3 errors / 8 reference words.
+    wer = gs.word_error_rate(["The cat, sat.", "a big dog"],
+                             [["the cat sat on it"], ["one big dog", "a very big dog"]])
+    assert wer == pytest.approx(100 * 3 / 8)
+    assert gs.word_error_rate(["x"], [["x"]]) == 0.0
+
+
 def test_completion_mask_includes_first_eos():
     eos = 2
     ids = torch.tensor([[5, 6, eos, eos], [5, 6, 7, 8], [eos, 0, 0, 0], [eos, eos, 5, eos]])
@@ -540,7 +552,9 @@ def test_audio_longer_than_the_limit_is_an_error(tmp_path, monkeypatch):
     (["--batch_size", "0"], "--batch_size must be at least 1"),
     (["--model", "no/such/dir"], "no such checkpoint directory"),
     (["--train", "missing.jsonl"], "--train missing.jsonl: manifest file not found"),
-    (["--algo", "grpo", "--train_audio"], "--train_audio works with --algo sft only"),
+    (["--algo", "grpo", "--train_projector"], "--train_projector works with --algo sft only"),
+    (["--steps", "-1"], "--steps must be at least 0"),
+    (["--eval_audio", "noise"], "unknown --eval_audio 'noise'"),
     (["--eps", "1.5"], "0 < eps < 1"),
 ])
 def test_bad_options_are_rejected_before_any_model_loads(options, message, capsys, monkeypatch):
@@ -602,17 +616,59 @@ def test_cli_trains_evaluates_and_saves(algo, small_data, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_encode_once_sampling_matches_generate_with_features(small_data):
+    """Our rollout on a batch of 3 (audio encoded once, prompts left-padded) answers as the
+    library's generate(input_features=...) does on each clip alone."""
     cfg = gs.check_config(gs.Config(train=small_data["train"], test=small_data["test"]))
     processor, model = gs.load_model(cfg, torch.device("cpu"))
-    batch = gs.make_batch(gs.load_manifest(cfg.test, "ast")[:3], processor, torch.device("cpu"))
+    examples = gs.load_manifest(cfg.test, "ast")[:3]
+    batch = gs.make_batch(examples, processor, torch.device("cpu"))
     eos = model.config.text_config.eos_token_id
     ours = gs.sample(model, batch, gs.encode_audio(model, batch), 1, 20, greedy=True)
-    library = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             input_features=batch.input_features,
-                             input_features_mask=batch.audio_mask,
-                             do_sample=False, max_new_tokens=20, pad_token_id=eos, eos_token_id=eos,
-                             suppress_tokens=[model.config.audio_token_id])
-    assert torch.equal(ours, library[:, batch.input_ids.shape[1]:])
+    for row, example in enumerate(examples):
+        alone = gs.make_batch([example], processor, torch.device("cpu"))
+        library = model.generate(input_ids=alone.input_ids, attention_mask=alone.attention_mask,
+                                 input_features=alone.input_features[0][None],
+                                 input_features_mask=alone.audio_mask, do_sample=False,
+                                 max_new_tokens=20, pad_token_id=eos, eos_token_id=eos,
+                                 suppress_tokens=[model.config.audio_token_id])
+        answer = library[0, alone.input_ids.shape[1]:]
+        assert torch.equal(ours[row, :len(answer)], answer), row
+
+
+@pytest.mark.slow
+def test_a_clip_is_encoded_the_same_alone_and_in_a_batch(small_data):
+    """No padding reaches the encoder: the audio embeddings of a clip do not depend on the
+    other clips of its batch (the conformer has no padding mask)."""
+    cfg = gs.check_config(gs.Config(train=small_data["train"], test=small_data["test"]))
+    processor, model = gs.load_model(cfg, torch.device("cpu"))
+    examples = gs.load_manifest(cfg.test, "ast")[:4]
+    lengths = [gs.load_audio(ex["audio_path"]).numel() for ex in examples]
+    assert len(set(lengths)) == 4                      # different lengths: padding is needed
+    batch = gs.make_batch(examples, processor, torch.device("cpu"))
+    together = gs.encode_audio(model, batch)
+    for row, example in enumerate(examples):
+        alone = gs.encode_audio(model, gs.make_batch([example], processor, torch.device("cpu")))[0]
+        real = batch.audio_mask[row]
+        assert alone.shape[0] == int(real.sum())      # one embedding per <|audio|> token
+        assert torch.equal(together[row][real], alone)
+
+
+@pytest.mark.slow
+def test_steps_0_evaluates_only_and_listening_checks(small_data, tmp_path, capsys):
+    assert run_cli(small_data, tmp_path / "speech", "--steps", "0", "--eval_limit", "4") == 0
+    results = json.loads((tmp_path / "speech" / "results.json").read_text())
+    assert set(results["eval"]) == {"sampled", "greedy"}
+    assert len(results["eval"]["greedy"]["predictions"]) == 4
+    assert not (tmp_path / "speech" / "final").exists()
+    assert run_cli(small_data, tmp_path / "silence", "--steps", "0", "--eval_limit", "4",
+                   "--eval_audio", "silence") == 0
+    silent = json.loads((tmp_path / "silence" / "results.json").read_text())["eval"]["greedy"]
+    # One second of silence gives every clip the same audio, so the same greedy answer.
+    assert len(set(silent["predictions"])) == 1
+    assert "WER" in capsys.readouterr().out
+    shuffled = gs.replacement_audio(gs.load_manifest(small_data["test"], "ast")[:3], "shuffled")
+    first = gs.load_audio(gs.load_manifest(small_data["test"], "ast")[1]["audio_path"])
+    assert torch.equal(shuffled[0], first)
 
 
 @pytest.mark.slow

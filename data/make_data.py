@@ -1032,13 +1032,50 @@ def build_all(workers=None):
     return summary
 
 
+FLITE_VOICES = ["kal16", "awb", "rms", "slt"]
+
+
+def write_flite_tests():
+    """The test splits spoken by another synthesizer, CMU Flite (Debian's `flite` package, not a
+    pinned dependency): data/<task>/test-flite.jsonl and audio-flite/ (both git-ignored). A base
+    that learned speech, not eSpeak NG's voices, should keep most of its score on them."""
+    import shutil
+    import subprocess
+    import tempfile
+    import torchaudio
+    if shutil.which("flite") is None:
+        sys.exit("flite not found: apt-get install flite (Debian/Ubuntu)")
+    for task in ("ast", "sqa"):
+        with open(DATA_DIR / task / "test.jsonl", encoding="utf-8") as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        (DATA_DIR / task / "audio-flite").mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            for index, line in enumerate(lines):
+                voice = FLITE_VOICES[index % len(FLITE_VOICES)]
+                raw = Path(tmp) / "clip.wav"
+                subprocess.run(["flite", "-voice", voice, "-t", line["text"], "-o", str(raw)],
+                               check=True)
+                with wave.open(str(raw)) as w:
+                    rate, pcm = w.getframerate(), w.readframes(w.getnframes())
+                path = DATA_DIR / task / "audio-flite" / Path(line["audio"]).name
+                line.update(audio=f"audio-flite/{path.name}", speaker=f"flite-{voice}",
+                            duration=round(to_16k_wav(pcm, torchaudio.transforms.Resample(rate, SAMPLE_RATE), path), 3))
+                line.pop("tts")
+        write_jsonl(DATA_DIR / task / "test-flite.jsonl", lines)
+        print(f"wrote {DATA_DIR / task / 'test-flite.jsonl'}: {len(lines)} clips")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--synthesize", action="store_true",
                         help="only make the missing audio of the committed manifests")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: cores)")
+    parser.add_argument("--flite", action="store_true",
+                        help="only write the test splits spoken by CMU Flite (held-out check)")
     args = parser.parse_args()
-    if args.synthesize:
+    if args.flite:
+        write_flite_tests()
+    elif args.synthesize:
         made = synthesize_missing(toy_manifests(), args.workers)
         print(f"{made} clips synthesized")
     else:
