@@ -72,7 +72,14 @@ def batch(i):
     return gs.make_batch(gs.batch_at(examples, i, cfg.batch_size, 0), processor, device)
 
 
+def padded_features(b):
+    """The features of a batch padded to its longest clip, as model.generate takes them."""
+    return processor.audio_processor([gs.load_audio(ex["audio_path"]) for ex in b.examples])[
+        "input_features"].to(device, policy.dtype)
+
+
 batches = [batch(i) for i in range(args.repeats + 1)]
+features = [padded_features(b) for b in batches]
 eos = policy.config.text_config.eos_token_id
 
 
@@ -88,31 +95,32 @@ def generation_options(greedy):
 
 
 @torch.no_grad()
-def generate_with_features(i, greedy=False):
+def generate_with_features(i, greedy=False, b=None):
     """What model.generate does with audio: the encoder runs on each of the G copies."""
-    b = batches[i]
+    b, padded = (batches[i], features[i]) if b is None else (b, padded_features(b))
     return policy.generate(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                           input_features=b.input_features.to(policy.dtype),
-                           input_features_mask=b.audio_mask,
+                           input_features=padded, input_features_mask=b.audio_mask,
                            **generation_options(greedy))[:, b.input_ids.shape[1]:]
 
 
 @torch.no_grad()
-def generate_encode_once(i, greedy=False):
+def generate_encode_once(i, greedy=False, b=None):
     """What grpo_speech.sample does: encode each clip once, generate from merged embeddings."""
-    b = batches[i]
+    b = batches[i] if b is None else b
     embeds = gs.embed(policy, b.input_ids, gs.encode_audio(policy, b), b.audio_mask)
     return GenerationMixin.generate(policy, inputs_embeds=embeds, attention_mask=b.attention_mask,
                                     **generation_options(greedy))
 
 
-same = torch.equal(generate_with_features(0, greedy=True), generate_encode_once(0, greedy=True))
+# One clip, so that no padding reaches the library's encoder (ours encodes each clip alone).
+single = gs.make_batch(examples[:1], processor, device)
+same = torch.equal(generate_with_features(0, True, single), generate_encode_once(0, True, single))
 t_features, _ = timed(generate_with_features)
 t_once, _ = timed(generate_encode_once)
 with torch.no_grad():
     t_encode, _ = timed(lambda i: gs.encode_audio(policy, batches[i]))
     t_encode_g, _ = timed(lambda i: policy.get_audio_features(
-        batches[i].input_features.to(policy.dtype).repeat_interleave(G, dim=0)))
+        features[i].repeat_interleave(G, dim=0)))
 
 
 # --------------------------------------------------------- 2. the GRPO step and its parts

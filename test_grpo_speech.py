@@ -426,9 +426,6 @@ def test_manifests_parse_and_every_clip_is_16k_mono_speech(toy):
                 assert ex["translation"] and all(t.strip() for t in ex["translation"]), ex["where"]
             else:
                 assert ex["question"].endswith("?") and ex["answer"], ex["where"]
-    mix = gs.load_manifest(DATA / "pretrain.jsonl", "asr")
-    assert {ex["task"] for ex in mix} == {"asr", "ast", "sqa"}
-    assert all(Path(ex["audio_path"]).is_file() for ex in mix)
 
 
 @pytest.mark.slow
@@ -444,13 +441,23 @@ def test_splits_share_no_sentences_and_test_voices_are_unseen(toy):
         assert not voices["test"] & heard and not voices["dev"] & heard
         assert not voices["test"] & voices["dev"]
         assert len(voices["test"]) >= 10
-    mix = gs.load_manifest(DATA / "pretrain.jsonl", "asr")
-    mixed_audio = {Path(ex["audio_path"]).name for ex in mix}
-    for task in ("ast", "sqa"):
-        for split in ("dev", "test"):
-            assert not mixed_audio & {Path(ex["audio_path"]).name for ex in toy[(task, split)]}
-        # the base model never saw train-split answers, only their transcripts
-        assert not any(ex["task"] != "asr" and "-train-" in ex["audio"] for ex in mix)
+
+
+def test_base_pretraining_material_is_fresh_and_uses_training_voices(make_data):
+    """The base model's pretraining text and speech (data/make_tiny_model.py) hold no sentence
+    or passage of any manifest, and its voices are the training voices only."""
+    sys.path.insert(0, str(DATA))
+    builder = importlib.import_module("make_tiny_model")
+    exclude = builder.manifest_texts()
+    assert len(exclude) == sum(sum(sizes.values()) for sizes in make_data.SIZES.values())   # 5,450
+    taken = set(exclude)
+    rows = (builder.fresh_examples(random.Random(0), "ast", 300, taken)
+            + builder.fresh_examples(random.Random(0), "sqa", 100, taken))
+    assert len({row["text"] for row in rows}) == 400 and not {row["text"] for row in rows} & exclude
+    assert all(row["translation"] for row in rows[:300]) and all(row["answer"] for row in rows[300:])
+    voices = make_data.voice_splits(random.Random(make_data.SEED))
+    recipes = [builder.wide_recipe(random.Random(i), voices["train"]) for i in range(200)]
+    assert not {r["voice"] for r in recipes} & (set(voices["test"]) | set(voices["dev"]))
 
 
 @pytest.mark.slow

@@ -985,32 +985,6 @@ def toy_manifests():
     return sorted(DATA_DIR.glob("*/*.jsonl"))
 
 
-def write_pretrain_mix():
-    """data/pretrain.jsonl: what the toy base model learns from before GRPO (data/README.md).
-
-    English transcription (ASR) of the pretrain and train clips of both tasks, plus the small
-    AST and SQA "pretrain" splits, twice. No dev or test audio, and no train-split translations
-    or answers: the base has heard the training clips but never been taught the task on them.
-    """
-    lines = []
-    for task in ("ast", "sqa"):
-        for split in ("pretrain", "train"):
-            with open(DATA_DIR / task / f"{split}.jsonl", encoding="utf-8") as f:
-                rows = [json.loads(line) for line in f]
-            for row in rows:
-                audio = f"{task}/{row['audio']}"
-                lines.append({"task": "asr", "audio": audio, "duration": row["duration"],
-                              "speaker": row["speaker"], "text": row["text"]})
-                if split == "pretrain":
-                    fields = {k: row[k] for k in ("text", "translation", "question", "answer")
-                              if k in row}
-                    lines += [{"task": task, "audio": audio, "duration": row["duration"],
-                               "speaker": row["speaker"], **fields}] * 2
-    random.Random(SEED).shuffle(lines)
-    write_jsonl(DATA_DIR / "pretrain.jsonl", lines)
-    return len(lines)
-
-
 def build_all(workers=None):
     manifests = write_manifests()
     jobs = [job for path, lines in manifests for job in manifest_jobs(path, lines, False)]
@@ -1023,7 +997,6 @@ def build_all(workers=None):
         summary[f"{path.parent.name}/{path.name}"] = {
             "clips": len(lines), "hours": round(sum(l["duration"] for l in lines) / 3600, 3),
             "voices": len({l["speaker"] for l in lines})}
-    summary["pretrain.jsonl"] = {"lines": write_pretrain_mix()}
     digest = hashlib.sha256()
     for _, _, audio in jobs:
         digest.update(audio.read_bytes())
