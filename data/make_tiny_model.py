@@ -339,7 +339,7 @@ def stage_projector(model, processor, data, args):
 def stage_mix(model, processor, data, args):
     # Text keeps the LLM's language skills while it learns to listen (speech alone erases them).
     sft_stage(model, processor, data, args, "mix", ["projector", "llm"], args.mix_steps,
-              args.mix_lr, {"asr": 0.3, "ast": 0.4, "sqa": 0.3}, {"ast": 0.5, "asr": 0.2, "sqa": 0.3})
+              args.mix_lr, {"asr": 0.3, "ast": 0.5, "sqa": 0.2}, {"ast": 0.5, "asr": 0.2, "sqa": 0.3})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,7 +388,7 @@ def main():
     parser.add_argument("--text_lr", type=float, default=1e-3)
     parser.add_argument("--projector_steps", type=int, default=300)
     parser.add_argument("--projector_lr", type=float, default=2e-3)
-    parser.add_argument("--mix_steps", type=int, default=300)
+    parser.add_argument("--mix_steps", type=int, default=600)
     parser.add_argument("--mix_lr", type=float, default=5e-4)
     parser.add_argument("--stop_after", choices=STAGES, default=None,
                         help="stop after this stage (the rest resumes on the next run)")
