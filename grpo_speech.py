@@ -99,7 +99,7 @@ class Config:
     batch_size: int = option(4, "prompts per step (each sampled G times)")
     sft_batch_size: int = option(0,
         "SFT examples per step; 0 = batch_size * group_size, the sequences of one GRPO step")
-    lr: float = option(2e-4, "AdamW learning rate")
+    lr: float = option(5e-5, "AdamW learning rate")
     weight_decay: float = option(0.0, "AdamW weight decay")
     warmup_ratio: float = option(0.05, "share of steps with linear learning-rate warm-up")
     lr_scheduler: str = option("constant_with_warmup",
