@@ -23,7 +23,7 @@ The file reads top to bottom in the order data flows:
     5. Advantages     A_i = (r_i - mean(r)) / (std(r) + eps) within each group
     6. Loss           token log-probs, the clipped GRPO objective with a k3 KL penalty
     7. MP-GRPO        inject the ground-truth answer into each group, off-policy
-    8. Evaluation     corpus BLEU and chrF with sacrebleu, sampled and greedy
+    8. Evaluation     corpus BLEU and chrF (sacrebleu) and WER, sampled and greedy
     9. Training loop  GRPO / MP-GRPO / SFT steps, checkpoints, metrics, timing
    10. CLI            argument parsing and the summary table
 
@@ -133,7 +133,8 @@ class Config:
         "allow a checkpoint's own Python code (off: only transformers' classes run)")
 
 
-CHOICES = {"task": ("ast", "sqa", "asr"), "eval_audio": ("speech", "silence", "shuffled"), "algo": ("grpo", "mp_grpo", "sft"),
+CHOICES = {"task": ("ast", "sqa", "asr"), "algo": ("grpo", "mp_grpo", "sft"),
+           "eval_audio": ("speech", "silence", "shuffled"),
            "loss_type": ("dapo", "grpo", "dr_grpo"), "scale_rewards": ("group", "batch", "none"),
            "device": ("auto", "cpu", "cuda"), "dtype": ("float32", "bfloat16"),
            "save_dtype": ("auto", "float32", "bfloat16")}
@@ -514,30 +515,6 @@ def rouge_l_rewards(completions: list[str], references: list[list[str]]) -> torc
 REWARDS = {"bleu": bleu_rewards, "chrf": chrf_rewards, "ter": ter_rewards, "rouge_l": rouge_l_rewards}
 
 
-def edit_distance(hypothesis: list | str, reference: list | str) -> int:
-    """Levenshtein distance: the fewest insertions, deletions and substitutions (one row of
-    the dynamic-programming table at a time)."""
-    row = list(range(len(reference) + 1))
-    for i, h in enumerate(hypothesis, start=1):
-        previous_diagonal, row[0] = row[0], i
-        for j, r in enumerate(reference, start=1):
-            previous_diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1,
-                                                    previous_diagonal + (h != r))
-    return row[-1]
-
-
-def word_error_rate(predictions: list[str], references: list[list[str]]) -> float:
-    """Corpus WER in %: word edits summed over lines / reference words summed over lines, on
-    lower-cased words without punctuation, against each line's closest reference."""
-    def words(text):
-        return re.sub(r"[^\w\s']", " ", text.lower()).split()
-    errors = total = 0
-    for prediction, refs in zip(predictions, references):
-        best = min((edit_distance(words(prediction), words(r)), len(words(r))) for r in refs)
-        errors, total = errors + best[0], total + best[1]
-    return 100.0 * errors / max(total, 1)
-
-
 # =============================================================================================
 # 5. Advantages: each answer against its own group
 # =============================================================================================
@@ -696,8 +673,32 @@ def answer_ids(tokenizer, texts: list[str], eos_token_id: int) -> list[torch.Ten
 
 
 # =============================================================================================
-# 8. Evaluation: corpus BLEU and chrF on the test manifest
+# 8. Evaluation: corpus BLEU, chrF and WER on the test manifest
 # =============================================================================================
+def edit_distance(hypothesis: list | str, reference: list | str) -> int:
+    """Levenshtein distance: the fewest insertions, deletions and substitutions (one row of
+    the dynamic-programming table at a time)."""
+    row = list(range(len(reference) + 1))
+    for i, h in enumerate(hypothesis, start=1):
+        previous_diagonal, row[0] = row[0], i
+        for j, r in enumerate(reference, start=1):
+            previous_diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1,
+                                                    previous_diagonal + (h != r))
+    return row[-1]
+
+
+def word_error_rate(predictions: list[str], references: list[list[str]]) -> float:
+    """Corpus WER in %: word edits summed over lines / reference words summed over lines, on
+    lower-cased words without punctuation, against each line's closest reference."""
+    def words(text):
+        return re.sub(r"[^\w\s']", " ", text.lower()).split()
+    errors = total = 0
+    for prediction, refs in zip(predictions, references):
+        best = min((edit_distance(words(prediction), words(r)), len(words(r))) for r in refs)
+        errors, total = errors + best[0], total + best[1]
+    return 100.0 * errors / max(total, 1)
+
+
 def replacement_audio(examples: list[dict], kind: str) -> list[torch.Tensor] | None:
     """The listening checks: what the model hears instead of each example's own clip.
     "silence": 1 s of zeros; "shuffled": the clip of the next example (a wrong but real clip);
@@ -720,13 +721,12 @@ def evaluate(model, processor, examples: list[dict], cfg: Config, greedy: bool, 
     model.eval()
     predictions = []
     device = next(model.parameters()).device
-    audio_kind = cfg.eval_audio
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in tqdm(range(0, len(examples), cfg.eval_batch_size), leave=False,
                           desc="eval greedy" if greedy else "eval sampled", file=sys.stderr):
             chunk = examples[start:start + cfg.eval_batch_size]
-            batch = make_batch(chunk, processor, device, replacement_audio(chunk, audio_kind))
+            batch = make_batch(chunk, processor, device, replacement_audio(chunk, cfg.eval_audio))
             ids = sample(model, batch, encode_audio(model, batch), 1, cfg.max_completion_length,
                          cfg.eval_temperature, cfg.eval_top_p, greedy=greedy)
             mask = completion_mask(ids, model.config.text_config.eos_token_id)
