@@ -40,6 +40,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -104,7 +105,7 @@ class Config:
     warmup_ratio: float = option(0.05, "share of steps with linear learning-rate warm-up")
     lr_scheduler: str = option("constant_with_warmup",
         "any transformers scheduler name (constant_with_warmup, cosine, linear)")
-    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 = no clipping")
     train_projector: bool = option(False,
         "SFT only: also train the projector (the speech encoder is always frozen)")
     # --- evaluation (paper: sampling with top-p 0.9, temperature 0.9) ---
@@ -124,10 +125,14 @@ class Config:
         "dtype of the saved final model: auto (as trained), float32 or bfloat16")
     threads: int = option(0, "torch CPU threads; 0 = all cores")
     log_every: int = option(10, "print a metrics line every N steps")
-    save_every: int = option(0, "write a resumable checkpoint every N steps; 0 = only at the end")
+    save_every: int = option(0, "write a resumable checkpoint every N steps; 0 = none (final/ "
+                             "is always written)")
     keep_checkpoints: int = option(2, "how many step checkpoints to keep")
     resume: str = option("",
-        "continue from a checkpoint directory, or 'last' for the newest in output_dir")
+        "continue from a checkpoint directory, or 'last' for the newest in output_dir; the "
+        "run's other options come from the checkpoint unless given again")
+    overwrite_output_dir: bool = option(False,
+        "start afresh in an output_dir that holds another run's files (they are deleted)")
     examples: int = option(3, "example predictions to print after evaluation")
     trust_remote_code: bool = option(False,
         "allow a checkpoint's own Python code (off: only transformers' classes run)")
@@ -154,13 +159,30 @@ def check_config(cfg: Config) -> Config:
         raise UsageError(f"--group_size {cfg.group_size}: GRPO compares answers within a group, it needs at least 2")
     if cfg.algo != "sft" and cfg.train_projector:
         raise UsageError("--train_projector works with --algo sft only: GRPO encodes each clip once, without gradients")
-    if cfg.steps < 0:
-        raise UsageError(f"--steps must be at least 0, got {cfg.steps}")
-    for name in ("batch_size", "eval_batch_size", "max_completion_length", "num_iterations"):
+    for name in ("batch_size", "eval_batch_size", "max_completion_length", "num_iterations",
+                 "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    if not 0 < cfg.eps < 1 or cfg.beta < 0 or cfg.temperature <= 0 or cfg.eval_temperature <= 0:
-        raise UsageError("need 0 < eps < 1, beta >= 0, temperature > 0 and eval_temperature > 0")
+    for name in ("steps", "sft_batch_size", "eval_limit", "save_every", "log_every", "examples",
+                 "threads", "lr", "weight_decay", "beta", "max_grad_norm", "policy_shaping"):
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
+    # Below temperature 0.1 a group's answers are all the same: no advantage, no training.
+    for name, inside, allowed in (
+            ("eps", 0 < cfg.eps < 1, "0 < eps < 1"),
+            ("eps_high", cfg.eps_high == -1 or 0 < cfg.eps_high < 10, "-1 (= eps) or in (0, 10)"),
+            ("eval_top_p", 0 < cfg.eval_top_p <= 1, "0 < eval_top_p <= 1"),
+            ("warmup_ratio", 0 <= cfg.warmup_ratio <= 1, "0 <= warmup_ratio <= 1"),
+            ("temperature", 0.1 <= cfg.temperature <= 10, "0.1 <= temperature <= 10"),
+            ("eval_temperature", 0.1 <= cfg.eval_temperature <= 10, "0.1 <= eval_temperature <= 10")):
+        if not inside:
+            raise UsageError(f"--{name} {getattr(cfg, name)}: need {allowed}")
+    from transformers import SchedulerType
+    if cfg.lr_scheduler not in [kind.value for kind in SchedulerType]:
+        raise UsageError(f"unknown --lr_scheduler {cfg.lr_scheduler!r}: choose one of "
+                         f"{', '.join(kind.value for kind in SchedulerType)}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible to torch")
     cfg.sft_batch_size = cfg.sft_batch_size or cfg.batch_size * cfg.group_size
     if cfg.eps_high < 0:
         cfg.eps_high = cfg.eps
@@ -171,9 +193,24 @@ def check_config(cfg: Config) -> Config:
     for name in ("train", "test") if cfg.steps else ("test",):
         if not Path(getattr(cfg, name)).is_file():
             raise UsageError(f"--{name} {getattr(cfg, name)}: manifest file not found")
-    if not Path(cfg.model).is_dir() and not re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.model):
+    model = Path(cfg.model).expanduser()
+    # "runs/x/final" with a typo is a path, not the hub id "runs/x": its first part exists here.
+    if not model.is_dir() and (not re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.model)
+                               or Path(model.parts[0]).exists()):
         raise UsageError(f"--model {cfg.model}: no such checkpoint directory (nor a hub id like org/name)")
+    check_writable(Path(cfg.output_dir))
     return cfg
+
+
+def check_writable(directory: Path) -> None:
+    """Fail now, not after an hour of training, if the results cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"--output_dir {directory}: cannot write there ({error.strerror})") from None
 
 
 # =============================================================================================
@@ -192,46 +229,63 @@ TASKS = {
 }
 SAMPLING_RATE = 16_000
 MAX_AUDIO_SECONDS = 60.0
+MIN_AUDIO_SECONDS = 0.05
 
 
 def load_manifest(path: str | Path, default_task: str) -> list[dict]:
     """Read and check a JSONL manifest. Each error names the file and line."""
     path = Path(path)
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UsageError(f"{where}: not valid JSON ({error.msg})") from None
-            if not isinstance(example, dict):
-                raise UsageError(f"{where}: expected a JSON object")
-            task = example.setdefault("task", default_task)
-            if task not in TASKS:
-                raise UsageError(f"{where}: unknown task {task!r}")
-            for name in ("audio",) + TASKS[task]["fields"]:
-                if name not in example:
-                    raise UsageError(f"{where}: missing field {name!r}")
-            for name in ("translation", "answer"):
-                if name in example and isinstance(example[name], str):
-                    example[name] = [example[name]]          # one reference may be a plain string
-            references = TASKS[task]["references"](example)
-            if not references or any(not isinstance(r, str) or not r.strip() for r in references):
-                raise UsageError(f"{where}: empty reference text")
-            example["audio_path"] = str((path.parent / example["audio"]).resolve())
-            example["where"] = where
-            examples.append(example)
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()    # -sig: a BOM is fine
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[:error.start].count(b"\n") + 1
+        raise UsageError(f"{path}:{line}: not UTF-8 text; save the manifest as UTF-8") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{where}: not valid JSON ({error.msg})") from None
+        if not isinstance(example, dict):
+            raise UsageError(f"{where}: expected a JSON object")
+        task = example.setdefault("task", default_task)
+        if task not in TASKS:
+            raise UsageError(f"{where}: unknown task {task!r}")
+        for name in ("audio",) + TASKS[task]["fields"]:
+            if name not in example:
+                raise UsageError(f"{where}: missing field {name!r}")
+        for name in ("translation", "answer"):
+            if name in example and isinstance(example[name], str):
+                example[name] = [example[name]]          # one reference may be a plain string
+        for name in ("audio", "text", "question", "translation", "answer"):
+            value = example.get(name, "")
+            if name in ("translation", "answer") and isinstance(value, list):
+                if not value:
+                    raise UsageError(f"{where}: {name!r} is an empty list; give at least one reference")
+                value = value[0] if all(isinstance(v, str) for v in value) else None
+            if not isinstance(value, str):
+                kind = "a string or a list of strings" if name in ("translation", "answer") else "a string"
+                raise UsageError(f"{where}: {name!r} must be {kind}, got {json.dumps(example[name])[:40]}")
+        if any(not r.strip() for r in TASKS[task]["references"](example)):
+            raise UsageError(f"{where}: empty reference text")
+        if not example["audio"].strip() or (task == "sqa" and not example["question"].strip()):
+            raise UsageError(f"{where}: empty {'audio path' if not example['audio'].strip() else 'question'}")
+        example["audio_path"] = str((path.parent / example["audio"]).resolve())
+        example["where"] = where
+        examples.append(example)
     if not examples:
         raise UsageError(f"{path}: manifest has no examples")
     return examples
 
 
 def ensure_audio(examples: list[dict]) -> None:
-    """Check that every clip exists. The bundled toy data is synthesized on first use (its
-    manifests carry eSpeak NG recipes, see data/make_data.py); a user's missing file is an error."""
+    """Check that every clip exists and that its header is readable and of a usable length,
+    before any model loads (a bad clip on line 24 must not stop a run after hours). The bundled
+    toy data is synthesized on first use (its manifests carry eSpeak NG recipes, see
+    data/make_data.py); a user's missing file is an error."""
     missing = [ex for ex in examples if not os.path.isfile(ex["audio_path"])]
     toy = [ex for ex in missing if Path(ex["audio_path"]).is_relative_to(DATA_DIR)]
     if toy:
@@ -240,6 +294,23 @@ def ensure_audio(examples: list[dict]) -> None:
     if missing:
         raise UsageError(f"{missing[0]['where']}: audio file not found: {missing[0]['audio_path']}"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    import soundfile
+    for example in examples:
+        path, where = example["audio_path"], example["where"]
+        try:
+            info = soundfile.info(path)
+        except Exception as error:
+            raise UsageError(f"{where}: cannot read audio {path} ({error})") from None
+        check_duration(info.frames / info.samplerate, path, where)
+
+
+def check_duration(seconds: float, path: str, where: str) -> None:
+    if seconds > MAX_AUDIO_SECONDS:
+        raise UsageError(f"{where}: audio is {seconds:.0f} s long, more than the "
+                         f"{MAX_AUDIO_SECONDS:.0f} s this script accepts; split it")
+    if seconds < MIN_AUDIO_SECONDS:     # shorter than one feature window: nothing to hear
+        raise UsageError(f"{where}: audio {path} is {1000 * seconds:.0f} ms long, shorter than "
+                         f"{1000 * MIN_AUDIO_SECONDS:.0f} ms")
 
 
 def load_audio(path: str, where: str = "") -> torch.Tensor:
@@ -258,13 +329,11 @@ def load_audio(path: str, where: str = "") -> torch.Tensor:
         raise UsageError(f"{where}: cannot read audio {path} ({error})") from None
     if data.size == 0:
         raise UsageError(f"{where}: audio {path} has no samples")
+    check_duration(len(data) / rate, path, where)
     samples = torch.from_numpy(data).mean(dim=1)       # (samples, channels) -> (samples,)
     if rate != SAMPLING_RATE:
         import torchaudio
         samples = torchaudio.functional.resample(samples, rate, SAMPLING_RATE)
-    if samples.numel() > MAX_AUDIO_SECONDS * SAMPLING_RATE:
-        raise UsageError(f"{where}: audio is {samples.numel() / SAMPLING_RATE:.0f} s long, more "
-                         f"than the {MAX_AUDIO_SECONDS:.0f} s this script accepts; split it")
     return samples
 
 
@@ -766,8 +835,8 @@ def update(policy, optimizer, loss, max_grad_norm: float, timer: Timer) -> torch
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
     with timer("optimizer"):
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in policy.parameters() if p.requires_grad], max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(     # inf: only measure (0 = no clipping)
+            [p for p in policy.parameters() if p.requires_grad], max_grad_norm or float("inf"))
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"gradient norm is {grad_norm.item()}")
         optimizer.step()
@@ -865,13 +934,18 @@ def save_model(model, processor, directory: Path, save_dtype: str = "auto") -> N
         model = copy.deepcopy(model).to(getattr(torch, save_dtype))
     model.save_pretrained(directory, safe_serialization=True)
     processor.save_pretrained(directory)
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in directory.iterdir():    # safetensors writes 0600; make it like the other files
+        file.chmod(0o666 & ~umask)
 
 
 def save_checkpoint(output_dir: Path, step: int, policy, processor, optimizer, scheduler,
-                    keep: int) -> Path:
+                    cfg: Config) -> Path:
     """Everything a run needs to continue: weights (safetensors), optimizer and scheduler
-    state, RNG states and the step. Written to a temporary directory and renamed, so a crash
-    mid-write never leaves a half checkpoint; only the newest `keep` are kept."""
+    state, RNG states, the step and the run's options (run.json). Written to a temporary
+    directory and renamed, so a crash mid-write never leaves a half checkpoint; only the newest
+    --keep_checkpoints are kept."""
     final = output_dir / f"checkpoint-{step:06d}"
     tmp = output_dir / f".tmp-checkpoint-{step:06d}"
     if tmp.exists():
@@ -881,48 +955,105 @@ def save_checkpoint(output_dir: Path, step: int, policy, processor, optimizer, s
              "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     torch.save(state, tmp / "trainer_state.pt")
+    (tmp / "run.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in sorted(output_dir.glob("checkpoint-*"))[:-keep]:
+    for old in checkpoints(output_dir)[:-cfg.keep_checkpoints]:
         shutil.rmtree(old)
     return final
 
 
-def find_checkpoint(cfg: Config) -> Path | None:
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Step checkpoints, oldest first (by step number, not by name)."""
+    found = [p for p in output_dir.glob("checkpoint-*") if p.name[11:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[11:]))
+
+
+def resume_config(cfg: Config, given: set[str]) -> Config:
+    """--resume: find the checkpoint, check its files, and take the run's options from it;
+    options given again on the command line win (and are named)."""
     if not cfg.resume:
-        return None
+        return cfg
     if cfg.resume == "last":
-        found = sorted(Path(cfg.output_dir).glob("checkpoint-*"))
+        output_dir = Path(cfg.output_dir or ROOT / "runs" / f"{cfg.task}-{cfg.algo}-seed{cfg.seed}")
+        found = checkpoints(output_dir)
         if not found:
-            raise UsageError(f"--resume last: no checkpoint in {cfg.output_dir}")
-        return found[-1]
-    path = Path(cfg.resume)
-    if not (path / "trainer_state.pt").is_file():
-        raise UsageError(f"--resume {cfg.resume}: not a checkpoint directory (no trainer_state.pt)")
-    return path
+            raise UsageError(f"--resume last: no checkpoint in {output_dir}")
+        path = found[-1]
+    else:
+        path = Path(cfg.resume)
+    earlier = [p for p in checkpoints(path.parent) if p != path]
+    for name in ("run.json", "config.json", "model.safetensors", "trainer_state.pt"):
+        try:
+            if name.endswith(".json"):
+                json.loads((path / name).read_text())
+            elif name == "model.safetensors":
+                from safetensors import safe_open
+                with safe_open(path / name, "pt") as weights:
+                    for key in weights.keys():
+                        weights.get_tensor(key)
+            else:
+                torch.load(path / name, weights_only=True)
+        except Exception as error:
+            raise UsageError(f"--resume {path}: {name} is missing or damaged ({type(error).__name__}); "
+                             + (f"try --resume {earlier[-1]}" if earlier else "no earlier checkpoint")) from None
+    saved = json.loads((path / "run.json").read_text())
+    restored = {name: value for name, value in saved["config"].items()
+                if name not in given | {"resume", "overwrite_output_dir"}}
+    changed = sorted(n for n in given - {"resume"} if getattr(cfg, n) != saved["config"].get(n))
+    if changed:
+        print(f"resume: options given again override the checkpoint's: {', '.join(changed)}",
+              file=sys.stderr)
+    cfg = dataclasses.replace(cfg, **restored, resume=str(path))
+    if saved["step"] >= cfg.steps:
+        raise UsageError(f"--resume {path}: the checkpoint is at step {saved['step']} and "
+                         f"--steps is {cfg.steps}: nothing left to train (raise --steps)")
+    return cfg
 
 
 class StopRequest:
-    """First Ctrl-C: finish the current step, save a checkpoint, exit. Second: stop at once."""
+    """First Ctrl-C (or SIGTERM, as schedulers send): finish the current step, save a
+    checkpoint, exit. Second: stop at once."""
 
     def __init__(self):
         self.requested = False
 
     def __enter__(self):
         import signal
-        self.previous = signal.signal(signal.SIGINT, self.handle)
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: saving a checkpoint after this step (again to quit now)", file=sys.stderr)
+        print("\nstop requested: saving a checkpoint after this step (again to quit now)",
+              file=sys.stderr)
 
     def __exit__(self, *exc):
         import signal
-        signal.signal(signal.SIGINT, self.previous)
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+RUN_FILES = ("metrics.jsonl", "results.json", "base_eval.json", "predictions.jsonl", "final")
+
+
+def prepare_output_dir(cfg: Config) -> Path:
+    """A fresh run never mixes with, or silently deletes, another run's files."""
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    old = [p for p in output_dir.iterdir() if p.name in RUN_FILES or p in checkpoints(output_dir)]
+    if old and not cfg.resume:
+        if not cfg.overwrite_output_dir:
+            raise UsageError(f"--output_dir {output_dir} holds another run's files "
+                             f"({', '.join(sorted(p.name for p in old)[:3])}, ...): continue it with "
+                             f"--resume last, replace it with --overwrite_output_dir, or choose "
+                             f"another --output_dir")
+        for path in old:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return output_dir
 
 
 def train(cfg: Config) -> dict:
@@ -934,9 +1065,8 @@ def train(cfg: Config) -> dict:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = find_checkpoint(cfg)
+    output_dir = prepare_output_dir(cfg)
+    checkpoint = Path(cfg.resume) if cfg.resume else None          # resolved by resume_config
     train_examples = load_manifest(cfg.train, cfg.task) if cfg.steps else []
     test_examples = load_manifest(cfg.test, cfg.task)
     if cfg.eval_limit:
@@ -958,7 +1088,7 @@ def train(cfg: Config) -> dict:
                               num_training_steps=cfg.steps)
     results = {"config": dataclasses.asdict(cfg), "before": {}, "after": {}}
     base_file, metrics_path = output_dir / "base_eval.json", output_dir / "metrics.jsonl"
-    start_step = 0
+    start_step, seconds_before = 0, 0.0
     if checkpoint:
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
@@ -971,9 +1101,10 @@ def train(cfg: Config) -> dict:
         if base_file.is_file():
             results["before"] = json.loads(base_file.read_text())
         if metrics_path.is_file():      # drop the lines of steps the checkpoint does not have
-            kept = [line for line in metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start_step]
-            metrics_path.write_text("".join(line + "\n" for line in kept))
+            kept = [row for row in map(json_or_none, metrics_path.read_text().splitlines())
+                    if row and row.get("step", start_step + 1) <= start_step]
+            metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            seconds_before = kept[-1]["seconds"] if kept else 0.0
         print(f"resuming from {checkpoint} at step {start_step}", file=sys.stderr)
     elif not cfg.skip_base_eval:
         with timer("eval"):
@@ -1000,14 +1131,17 @@ def train(cfg: Config) -> dict:
                                        random.Random(cfg.seed * 7919 + step))
                 else:
                     metrics = grpo_step(cfg, policy, reference, processor, optimizer, batch, timer)
-            except FloatingPointError as error:
-                last = sorted(output_dir.glob("checkpoint-*"))
-                raise TrainingStopped(f"step {step + 1}: {error}; stopped before updating the "
-                                      f"weights. Last good checkpoint: "
+            except (FloatingPointError, RuntimeError) as error:
+                # A diverged model (e.g. --lr 1e9) first shows as NaN logits in sampling.
+                if isinstance(error, RuntimeError) and "probability tensor" not in str(error):
+                    raise
+                last = checkpoints(output_dir)
+                raise TrainingStopped(f"step {step + 1}: {str(error).splitlines()[0]}; stopped "
+                                      f"before updating the weights. Last good checkpoint: "
                                       f"{last[-1] if last else 'none (use --save_every)'}") from None
             scheduler.step()
             metrics.update(step=step + 1, lr=scheduler.get_last_lr()[0],
-                           seconds=round(time.perf_counter() - train_start, 2))
+                           seconds=round(seconds_before + time.perf_counter() - train_start, 2))
             metrics_file.write(json.dumps(metrics) + "\n")
             metrics_file.flush()
             shown = {k: metrics[k] for k in ("loss", "reward", "kl", "clip_fraction") if k in metrics}
@@ -1017,24 +1151,22 @@ def train(cfg: Config) -> dict:
                                         for k, v in metrics.items()))
             if stop.requested or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 saved = save_checkpoint(output_dir, step + 1, policy, processor, optimizer,
-                                        scheduler, cfg.keep_checkpoints)
+                                        scheduler, cfg)
                 if stop.requested:
                     progress.close()
-                    raise TrainingStopped(f"interrupted: saved {saved}; continue with "
-                                          f"--resume last --output_dir {cfg.output_dir}")
+                    raise TrainingStopped(f"interrupted: saved {saved}; continue with: python "
+                                          f"grpo_speech.py --resume {shlex.quote(str(saved))}")
     progress.close()
     steps_run = cfg.steps - start_step
     train_seconds = time.perf_counter() - train_start
+    save_model(policy, processor, output_dir / "final", cfg.save_dtype)  # before the long eval
     with timer("eval"):
         for mode in ("sampled", "greedy"):
             results["after"][mode] = evaluate(policy, processor, test_examples, cfg,
                                               mode == "greedy", cfg.seed)
     print_eval(f"after {cfg.algo}", results["after"], test_examples, cfg.examples)
-    save_model(policy, processor, output_dir / "final", cfg.save_dtype)
     results["timing"] = timing_summary(timer, steps_run, train_seconds)
-    for when in ("before", "after"):
-        for mode in results[when].values():
-            mode.pop("predictions", None)
+    write_predictions(output_dir / "predictions.jsonl", test_examples, results)
     with open(output_dir / "results.json", "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
     print_summary(results, cfg)
@@ -1056,6 +1188,30 @@ def evaluate_only(cfg: Config, model, processor, examples: list[dict], output_di
     return results
 
 
+def json_or_none(line: str):
+    """A metrics line, or None for a line cut short by a crash."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def write_predictions(path: Path, examples: list[dict], results: dict) -> None:
+    """One line per test clip: references and every model's answers, to read what it says.
+    The predictions then leave results.json, which keeps only the scores."""
+    with open(path, "w", encoding="utf-8") as f:
+        for index, example in enumerate(examples):
+            row = {"where": example["where"], "references": references_of(example)}
+            for when in ("before", "after"):
+                for mode, evaluation in results[when].items():
+                    if "predictions" in evaluation:
+                        row[f"{when}_{mode}"] = evaluation["predictions"][index]
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    for when in ("before", "after"):
+        for evaluation in results[when].values():
+            evaluation.pop("predictions", None)
+
+
 class TrainingStopped(RuntimeError):
     """The run stopped early on purpose (Ctrl-C, or a NaN loss): a one-line message, exit 1."""
 
@@ -1064,7 +1220,7 @@ def timing_summary(timer: Timer, steps: int, train_seconds: float) -> dict:
     phases = {k: round(v, 2) for k, v in timer.seconds.items()}
     train_phases = {k: v for k, v in timer.seconds.items() if k != "eval"}
     total = sum(train_phases.values()) or 1.0
-    return {"seconds_per_step": round(train_seconds / max(steps, 1), 3),
+    return {"steps": steps, "seconds_per_step": round(train_seconds / max(steps, 1), 3),
             "train_seconds": round(train_seconds, 1), "phases_seconds": phases,
             "train_share": {k: round(v / total, 3) for k, v in train_phases.items()}}
 
@@ -1094,27 +1250,32 @@ def print_summary(results: dict, cfg: Config) -> None:
     timing = results["timing"]
     shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in
                        sorted(timing["train_share"].items(), key=lambda kv: -kv[1]))
-    print(f"time: {timing['seconds_per_step']:.2f} s/step over {cfg.steps} steps ({shares}); "
+    print(f"time: {timing['seconds_per_step']:.2f} s/step over {timing['steps']} steps ({shares}); "
           f"eval {timing['phases_seconds'].get('eval', 0):.0f} s")
-    print(f"wrote {cfg.output_dir}/results.json, metrics.jsonl, final/")
+    print(f"wrote {cfg.output_dir}/results.json, predictions.jsonl, metrics.jsonl, final/")
 
 
-def parse_args(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None) -> tuple[Config, set[str]]:
+    """The options, and the names of those given on the command line (--resume keeps the
+    checkpoint's value of every other one)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     for f in dataclasses.fields(Config):
-        name = f"--{f.name}"
+        name, help = f"--{f.name}", f.metadata["help"]
         if f.type in ("bool", bool):
-            parser.add_argument(name, action="store_true", help=f.metadata["help"])
+            parser.add_argument(name, action="store_true", help=help)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(name, type=kind, default=f.default, help=f.metadata["help"])
-    return Config(**vars(parser.parse_args(argv)))
+            shown = f" (default: {f.default})" if f.default != "" else ""
+            parser.add_argument(name, type=kind, default=f.default, help=help + shown)
+    args = parser.parse_args(argv)
+    given = {f.name for f in dataclasses.fields(Config)
+             if any(a == f"--{f.name}" or a.startswith(f"--{f.name}=") for a in (argv or sys.argv[1:]))}
+    return Config(**vars(args)), given
 
 
 def main(argv=None) -> int:
     try:
-        cfg = check_config(parse_args(argv))
+        cfg = check_config(resume_config(*parse_args(argv)))
         train(cfg)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -1122,6 +1283,9 @@ def main(argv=None) -> int:
     except TrainingStopped as error:
         print(f"stopped: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\nstopped: interrupted (final/ is written before the final evaluation)", file=sys.stderr)
+        return 130
     return 0
 
 

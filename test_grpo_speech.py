@@ -10,6 +10,7 @@ import importlib
 import json
 import math
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -495,11 +496,21 @@ def test_manifest_errors_name_file_and_line(tmp_path):
         ([good, {"translation": ["x"]}], ":2: missing field 'audio'"),
         ([good, good, {"audio": "a.wav"}], ":3: missing field 'translation'"),
         ([{"audio": "a.wav", "translation": ["  "]}], ":1: empty reference text"),
-        ([{"audio": "a.wav", "translation": []}], ":1: empty reference text"),
+        ([{"audio": "a.wav", "translation": []}], ":1: 'translation' is an empty list"),
         ([good, {"audio": "a.wav", "translation": "x", "task": "tts"}], ":2: unknown task 'tts'"),
         (["[1, 2]"], ":1: expected a JSON object"),
         ([], "manifest has no examples"),
         (["", "  "], "manifest has no examples"),
+        ([good, {"audio": "a.wav", "translation": 5}], ":2: 'translation' must be a string or a list of strings, got 5"),
+        ([{"audio": "a.wav", "translation": True}], ":1: 'translation' must be a string or a list of strings, got true"),
+        ([{"audio": "a.wav", "translation": {"de": "x"}}], ":1: 'translation' must be"),
+        ([{"audio": "a.wav", "translation": [5]}], ":1: 'translation' must be a string or a list of strings, got [5]"),
+        ([{"audio": "a.wav", "translation": [["x"]]}], ":1: 'translation' must be"),
+        ([{"audio": "a.wav", "translation": None}], ":1: 'translation' must be a string or a list of strings, got null"),
+        ([{"audio": 5, "translation": "x"}], ":1: 'audio' must be a string, got 5"),
+        ([{"audio": " ", "translation": "x"}], ":1: empty audio path"),
+        ([{"audio": "a.wav", "question": 7, "answer": "x", "task": "sqa"}], ":1: 'question' must be a string, got 7"),
+        ([{"audio": "a.wav", "question": "", "answer": "x", "task": "sqa"}], ":1: empty question"),
     ]
     for lines, message in cases:
         path = write_manifest(tmp_path / "m.jsonl", lines)
@@ -508,6 +519,13 @@ def test_manifest_errors_name_file_and_line(tmp_path):
         assert str(path) in str(error.value) and message in str(error.value)
     sqa = write_manifest(tmp_path / "s.jsonl", [{"audio": "a.wav", "question": "Q?", "answer": "A."}])
     assert gs.load_manifest(sqa, "sqa")[0]["answer"] == ["A."]       # one string is one reference
+    bom = tmp_path / "bom.jsonl"                                      # a BOM is fine (utf-8-sig)
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(good).encode() + b"\n")
+    assert gs.load_manifest(bom, "ast")[0]["translation"] == ["Hallo."]
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes((json.dumps(good) + "\n" + '{"audio": "a.wav", "translation": "Grüße"}\n').encode("latin-1"))
+    with pytest.raises(gs.UsageError, match=r"latin\.jsonl:2: not UTF-8 text"):
+        gs.load_manifest(latin, "ast")
 
 
 def test_missing_and_unreadable_audio(tmp_path):
@@ -549,6 +567,50 @@ def test_audio_longer_than_the_limit_is_an_error(tmp_path, monkeypatch):
         gs.load_audio(str(write_wav(tmp_path / "long.wav", sine())), "m.jsonl:3")
 
 
+def test_every_clip_header_is_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    write_wav(tmp_path / "ok.wav", sine())
+    write_wav(tmp_path / "long.wav", sine(seconds=61.0))
+    write_wav(tmp_path / "short.wav", sine(seconds=0.001))
+    (tmp_path / "cut.wav").write_bytes((tmp_path / "ok.wav").read_bytes()[:100])
+    monkeypatch.setattr(gs, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    (tmp_path / "text.wav").write_text("not audio")
+    for bad, message in [("long.wav", "61 s long, more than the 60 s"), ("short.wav", "1 ms long"),
+                         ("cut.wav", "2 ms long, shorter than 50 ms"), ("text.wav", "cannot read audio")]:
+        lines = [{"audio": "ok.wav", "translation": "x"}] * 3 + [{"audio": bad, "translation": "x"}]
+        train = write_manifest(tmp_path / "train.jsonl", lines)
+        test = write_manifest(tmp_path / "test.jsonl", lines[:1])
+        assert gs.main(["--train", str(train), "--test", str(test), "--overwrite_output_dir",
+                        "--output_dir", str(tmp_path / "out")]) == 2
+        error = capsys.readouterr().err
+        assert f"train.jsonl:4: " in error and message in error and error.count("\n") == 1
+
+
+def test_max_grad_norm_zero_does_not_clip():
+    layer = torch.nn.Linear(2, 1, bias=False)
+    for norm, expected_step in [(0.0, 30.0), (1.0, 1.0)]:      # gradient (30, 40), lr 1, SGD
+        layer.weight.data.zero_()
+        optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
+        loss = layer(torch.tensor([[30.0, 40.0]])).sum()
+        grad_norm = gs.update(layer, optimizer, loss, norm, gs.Timer())
+        assert grad_norm.item() == pytest.approx(50.0)
+        assert -layer.weight[0, 0].item() == pytest.approx(expected_step * (30 / 50 if norm else 1))
+
+
+def test_an_output_dir_with_another_runs_files_is_refused(tmp_path, monkeypatch, capsys):
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "checkpoint-000040").mkdir()
+    monkeypatch.setattr(gs, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert gs.main(["--output_dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "holds another run's files (checkpoint-000040, results.json" in error
+    assert "--overwrite_output_dir" in error and (tmp_path / "results.json").exists()
+    file = tmp_path / "a-file"
+    file.write_text("")
+    for output_dir in (file, file / "below"):
+        assert gs.main(["--output_dir", str(output_dir)]) == 2
+        assert "cannot write there" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("options,message", [
     (["--group_size", "1"], "needs at least 2"),
     (["--reward", "meteor"], "unknown --reward 'meteor'"),
@@ -562,8 +624,26 @@ def test_audio_longer_than_the_limit_is_an_error(tmp_path, monkeypatch):
     (["--algo", "grpo", "--train_projector"], "--train_projector works with --algo sft only"),
     (["--steps", "-1"], "--steps must be at least 0"),
     (["--eval_audio", "noise"], "unknown --eval_audio 'noise'"),
-    (["--eps", "1.5"], "0 < eps < 1"),
-])
+    (["--eps", "1.5"], "--eps 1.5: need 0 < eps < 1"),
+    (["--lr", "-1"], "--lr must be at least 0"),
+    (["--weight_decay", "-1"], "--weight_decay must be at least 0"),
+    (["--threads", "-1"], "--threads must be at least 0"),
+    (["--sft_batch_size", "-5"], "--sft_batch_size must be at least 0"),
+    (["--max_grad_norm", "-1"], "--max_grad_norm must be at least 0"),
+    (["--lr_scheduler", "bogus"], "unknown --lr_scheduler 'bogus'"),
+    (["--eval_top_p", "2"], "need 0 < eval_top_p <= 1"),
+    (["--eval_top_p", "0"], "need 0 < eval_top_p <= 1"),
+    (["--eval_limit", "-1"], "--eval_limit must be at least 0"),
+    (["--keep_checkpoints", "0"], "--keep_checkpoints must be at least 1"),
+    (["--save_every", "-1"], "--save_every must be at least 0"),
+    (["--warmup_ratio", "5"], "need 0 <= warmup_ratio <= 1"),
+    (["--temperature", "1e-9"], "--temperature 1e-09: need 0.1 <= temperature"),
+    (["--beta", "-0.1"], "--beta must be at least 0"),
+    (["--policy_shaping", "-1"], "--policy_shaping must be at least 0"),
+    (["--examples", "-1"], "--examples must be at least 0"),
+    (["--log_every", "-1"], "--log_every must be at least 0"),
+    (["--model", "data/granite-speech-tinyy"], "no such checkpoint directory"),
+] + ([(["--device", "cuda"], "no CUDA GPU")] if not torch.cuda.is_available() else []))
 def test_bad_options_are_rejected_before_any_model_loads(options, message, capsys, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded")
@@ -606,6 +686,11 @@ def test_cli_trains_evaluates_and_saves(algo, small_data, tmp_path, capsys):
     assert run_cli(small_data, tmp_path, "--algo", algo) == 0
     out = capsys.readouterr().out
     assert "BLEU" in out and "nrefs:var" in out and "s/step" in out
+    predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 6 and set(predictions[0]) == {
+        "where", "references", "before_sampled", "before_greedy", "after_sampled", "after_greedy"}
+    assert oct((tmp_path / "final" / "model.safetensors").stat().st_mode & 0o777) == oct(
+        (tmp_path / "final" / "config.json").stat().st_mode & 0o777)
     results = json.loads((tmp_path / "results.json").read_text())
     for when in ("before", "after"):
         for mode in ("sampled", "greedy"):
@@ -723,13 +808,41 @@ def test_interrupted_run_resumes_like_an_uninterrupted_one(small_data, tmp_path,
         return real_step(*args, **kwargs)
     monkeypatch.setattr(gs, "grpo_step", ctrl_c_during_third_step)
     assert run_cli(small_data, tmp_path / "cut", *options) == 1
-    assert "--resume last" in capsys.readouterr().err
+    checkpoint = tmp_path / "cut" / "checkpoint-000003"
+    assert f"continue with: python grpo_speech.py --resume {checkpoint}" in capsys.readouterr().err
     assert [m["step"] for m in read_metrics(tmp_path / "cut")] == [1, 2, 3]
-    assert (tmp_path / "cut" / "checkpoint-000003").is_dir()
     monkeypatch.setattr(gs, "grpo_step", real_step)
-    assert run_cli(small_data, tmp_path / "cut", *options, "--resume", "last") == 0
+    # A damaged file is named, before any model loads.
+    broken = tmp_path / "broken" / "checkpoint-000003"
+    shutil.copytree(checkpoint, broken)
+    (broken / "trainer_state.pt").write_bytes((checkpoint / "trainer_state.pt").read_bytes()[:50])
+    assert gs.main(["--resume", str(broken)]) == 2
+    assert "trainer_state.pt is missing or damaged" in capsys.readouterr().err
+    # The printed command alone: every other option comes back from the checkpoint.
+    assert gs.main(["--resume", str(checkpoint)]) == 0
     resumed = read_metrics(tmp_path / "cut")
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
     for a, b in zip(straight, resumed):
         for key in ("loss", "reward", "kl", "completion_tokens", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    assert resumed[3]["seconds"] > resumed[2]["seconds"]         # the clock continues
+    # Resuming at or past --steps trains nothing: refused, not a silent rewrite of final/.
+    assert gs.main(["--resume", str(checkpoint), "--steps", "3"]) == 2
+    assert "at step 3 and --steps is 3: nothing left to train" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_final_evaluation_keeps_the_model_and_divergence_stops(small_data, tmp_path,
+                                                                            monkeypatch, capsys):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gs, "evaluate", interrupt)
+    assert run_cli(small_data, tmp_path / "a", "--steps", "1", "--skip_base_eval") == 130
+    assert (tmp_path / "a" / "final" / "model.safetensors").is_file()
+    assert "stopped: interrupted" in capsys.readouterr().err
+
+    def diverged(*args, **kwargs):       # what torch.multinomial says once the logits are NaN
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+    monkeypatch.setattr(gs, "sample", diverged)
+    assert run_cli(small_data, tmp_path / "b", "--skip_base_eval") == 1
+    assert "stopped: step 1: probability tensor contains" in capsys.readouterr().err
