@@ -1,4 +1,4 @@
-"""Build the tiny Granite Speech base model (data/granite-speech-tiny) in four resumable stages.
+"""Build the tiny Granite Speech base model (data/granite-speech-tiny) in five resumable stages.
 
     python data/make_tiny_model.py            # every stage not yet finished, then the export
     python data/make_tiny_model.py --report   # print what each finished stage measured
@@ -15,6 +15,7 @@ the way real speech LLMs are built, each stage starting from the previous one's 
                   already reads as English text (encoder and LLM frozen)
     4. mix        projector + LLM on a mix of ASR, AST and SQA speech and the text tasks,
                   stopped while the base is still clearly short of the ceiling
+    5. mix2       the same mix, a second cosine cycle at a lower peak learning rate
 
 Each stage writes <work>/<stage>/ (checkpoint + stage.json with its wall time and measured
 health: encoder CER, ASR WER, AST and SQA BLEU on the dev splits). A run skips the stages that
@@ -236,7 +237,7 @@ def stage_ctc(model, processor, data, args):
     optimizer = torch.optim.AdamW(trainable, lr=args.ctc_lr)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=args.ctc_steps // 20,
                               num_training_steps=args.ctc_steps)
-    for step in tqdm(range(args.ctc_steps), desc="1/4 ctc", file=sys.stderr):
+    for step in tqdm(range(args.ctc_steps), desc=f"1/{len(STAGES)} ctc", file=sys.stderr):
         examples = gs.batch_at(data["speech"], step, args.batch_size, args.seed)
         audio = [gs.load_audio(ex["audio_path"]) for ex in examples]
         inputs = processor.audio_processor(audio)["input_features"]
