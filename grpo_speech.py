@@ -114,6 +114,10 @@ class Config:
     eval_batch_size: int = option(50, "clips per evaluation batch")
     eval_limit: int = option(0, "evaluate on the first N test clips only; 0 = all")
     skip_base_eval: bool = option(False, "do not evaluate the model before training")
+    eval_every: int = option(0, "score --dev (greedy BLEU) every N steps and keep the best "
+                             "model in best/, tested at the end beside the last; 0 = off")
+    dev: str = option("", "validation manifest for --eval_every; default data/<task>/dev.jsonl")
+    dev_limit: int = option(100, "first N dev clips only (speed); 0 = all")
     eval_audio: str = option("speech",
         "what the model hears in evaluation: speech, or silence / shuffled (another clip) to "
         "check that it listens")
@@ -164,6 +168,7 @@ def check_config(cfg: Config) -> Config:
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     for name in ("steps", "sft_batch_size", "eval_limit", "save_every", "log_every", "examples",
+                 "eval_every", "dev_limit",
                  "threads", "lr", "weight_decay", "beta", "max_grad_norm", "policy_shaping"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
@@ -189,8 +194,9 @@ def check_config(cfg: Config) -> Config:
     toy = DATA_DIR / ("ast" if cfg.task == "asr" else cfg.task)   # AST clips have transcripts
     cfg.train = cfg.train or str(toy / "train.jsonl")
     cfg.test = cfg.test or str(toy / "test.jsonl")
+    cfg.dev = cfg.dev or str(toy / "dev.jsonl")
     cfg.output_dir = cfg.output_dir or str(ROOT / "runs" / f"{cfg.task}-{cfg.algo}-seed{cfg.seed}")
-    for name in ("train", "test") if cfg.steps else ("test",):
+    for name in ("train", "test") + (("dev",) if cfg.eval_every else ()) if cfg.steps else ("test",):
         if not Path(getattr(cfg, name)).is_file():
             raise UsageError(f"--{name} {getattr(cfg, name)}: manifest file not found")
     model = Path(cfg.model).expanduser()
@@ -262,17 +268,15 @@ def load_manifest(path: str | Path, default_task: str) -> list[dict]:
                 example[name] = [example[name]]          # one reference may be a plain string
         for name in ("audio", "text", "question", "translation", "answer"):
             value = example.get(name, "")
-            if name in ("translation", "answer") and isinstance(value, list):
-                if not value:
-                    raise UsageError(f"{where}: {name!r} is an empty list; give at least one reference")
-                value = value[0] if all(isinstance(v, str) for v in value) else None
-            if not isinstance(value, str):
-                kind = "a string or a list of strings" if name in ("translation", "answer") else "a string"
-                raise UsageError(f"{where}: {name!r} must be {kind}, got {json.dumps(example[name])[:40]}")
-        if any(not r.strip() for r in TASKS[task]["references"](example)):
-            raise UsageError(f"{where}: empty reference text")
-        if not example["audio"].strip() or (task == "sqa" and not example["question"].strip()):
-            raise UsageError(f"{where}: empty {'audio path' if not example['audio'].strip() else 'question'}")
+            many = name in ("translation", "answer")                # one or more references
+            if many and value == []:
+                raise UsageError(f"{where}: {name!r} is an empty list; give at least one reference")
+            if not all(isinstance(v, str) for v in (value if many and isinstance(value, list) else [value])):
+                kind = "a string or a list of strings" if many else "a string"
+                raise UsageError(f"{where}: {name!r} must be {kind}, got {json.dumps(value)[:40]}")
+            if name in ("audio", "question") + TASKS[task]["fields"] and name in example and not all(
+                    v.strip() for v in (value if isinstance(value, list) else [value])):
+                raise UsageError(f"{where}: empty {'reference text' if many else name}")
         example["audio_path"] = str((path.parent / example["audio"]).resolve())
         example["where"] = where
         examples.append(example)
@@ -546,8 +550,7 @@ def bleu_rewards(completions: list[str], references: list[list[str]]) -> torch.T
 def chrf_rewards(completions: list[str], references: list[list[str]]) -> torch.Tensor:
     """r_i = chrF(completion_i, references_i) / 100 (sacrebleu; character n-gram F-score)."""
     from sacrebleu.metrics import CHRF
-    chrf = CHRF()
-    return torch.tensor([chrf.sentence_score(c, refs).score / 100.0 if c.strip() else 0.0
+    return torch.tensor([CHRF().sentence_score(c, refs).score / 100.0 if c.strip() else 0.0
                          for c, refs in zip(completions, references)])
 
 
@@ -555,8 +558,7 @@ def ter_rewards(completions: list[str], references: list[list[str]]) -> torch.Te
     """r_i = max(0, 1 - TER_i / 100): TER counts edits per reference word (lower is better,
     can exceed 100), so it is flipped and floored to make a reward in [0, 1]."""
     from sacrebleu.metrics import TER
-    ter = TER()
-    return torch.tensor([max(0.0, 1.0 - ter.sentence_score(c, refs).score / 100.0)
+    return torch.tensor([max(0.0, 1.0 - TER().sentence_score(c, refs).score / 100.0)
                          if c.strip() else 0.0 for c, refs in zip(completions, references)])
 
 
@@ -1037,7 +1039,7 @@ class StopRequest:
             signal.signal(number, handler)
 
 
-RUN_FILES = ("metrics.jsonl", "results.json", "base_eval.json", "predictions.jsonl", "final")
+RUN_FILES = ("metrics.jsonl", "results.json", "base_eval.json", "predictions.jsonl", "final", "best")
 
 
 def prepare_output_dir(cfg: Config) -> Path:
@@ -1056,6 +1058,39 @@ def prepare_output_dir(cfg: Config) -> Path:
     return output_dir
 
 
+def evaluate_modes(model, processor, examples: list[dict], cfg: Config) -> dict:
+    return {mode: evaluate(model, processor, examples, cfg, mode == "greedy", cfg.seed)
+            for mode in ("sampled", "greedy")}
+
+
+def restore(checkpoint: Path, optimizer, scheduler, output_dir: Path) -> tuple[int, float]:
+    """Optimizer, scheduler and RNG states of a checkpoint; the metrics of later steps are
+    dropped (and a line cut short by a crash). Returns (step, training seconds so far)."""
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    metrics_path = output_dir / "metrics.jsonl"
+    kept = [row for row in map(json_or_none, metrics_path.read_text().splitlines())
+            if row and row.get("step", state["step"] + 1) <= state["step"]] if metrics_path.is_file() else []
+    metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    print(f"resuming from {checkpoint} at step {state['step']}", file=sys.stderr)
+    return state["step"], kept[-1]["seconds"] if kept else 0.0
+
+
+def keep_best(policy, processor, step: int, dev_bleu: float, output_dir: Path) -> None:
+    """best/ holds the model of the step with the highest dev score so far (the paper's
+    "best checkpoint on validation"); best/best.json says which step."""
+    record = output_dir / "best" / "best.json"
+    if record.is_file() and json.loads(record.read_text())["dev_bleu"] >= dev_bleu:
+        return
+    save_model(policy, processor, output_dir / "best")
+    record.write_text(json.dumps({"step": step, "dev_bleu": dev_bleu}))
+
+
 def train(cfg: Config) -> dict:
     """Evaluate the base model, train, evaluate again; write metrics, model and results."""
     from tqdm import tqdm
@@ -1068,10 +1103,9 @@ def train(cfg: Config) -> dict:
     output_dir = prepare_output_dir(cfg)
     checkpoint = Path(cfg.resume) if cfg.resume else None          # resolved by resume_config
     train_examples = load_manifest(cfg.train, cfg.task) if cfg.steps else []
-    test_examples = load_manifest(cfg.test, cfg.task)
-    if cfg.eval_limit:
-        test_examples = test_examples[:cfg.eval_limit]
-    ensure_audio(train_examples + test_examples)
+    test_examples = load_manifest(cfg.test, cfg.task)[:cfg.eval_limit or None]
+    dev_examples = load_manifest(cfg.dev, cfg.task)[:cfg.dev_limit or None] if cfg.eval_every and cfg.steps else []
+    ensure_audio(train_examples + test_examples + dev_examples)
     timer = Timer()
     processor, policy = load_model(cfg, device)
     if cfg.steps == 0:
@@ -1088,29 +1122,12 @@ def train(cfg: Config) -> dict:
                               num_training_steps=cfg.steps)
     results = {"config": dataclasses.asdict(cfg), "before": {}, "after": {}}
     base_file, metrics_path = output_dir / "base_eval.json", output_dir / "metrics.jsonl"
-    start_step, seconds_before = 0, 0.0
-    if checkpoint:
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start_step = state["step"]
-        if base_file.is_file():
-            results["before"] = json.loads(base_file.read_text())
-        if metrics_path.is_file():      # drop the lines of steps the checkpoint does not have
-            kept = [row for row in map(json_or_none, metrics_path.read_text().splitlines())
-                    if row and row.get("step", start_step + 1) <= start_step]
-            metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
-            seconds_before = kept[-1]["seconds"] if kept else 0.0
-        print(f"resuming from {checkpoint} at step {start_step}", file=sys.stderr)
-    elif not cfg.skip_base_eval:
+    start_step, seconds_before = restore(checkpoint, optimizer, scheduler, output_dir) if checkpoint else (0, 0.0)
+    if checkpoint and base_file.is_file():
+        results["before"] = json.loads(base_file.read_text())
+    elif not checkpoint and not cfg.skip_base_eval:
         with timer("eval"):
-            for mode in ("sampled", "greedy"):
-                results["before"][mode] = evaluate(policy, processor, test_examples, cfg,
-                                                   mode == "greedy", cfg.seed)
+            results["before"] = evaluate_modes(policy, processor, test_examples, cfg)
         print_eval("base", results["before"], test_examples, cfg.examples)
         base_file.write_text(json.dumps(results["before"]))
     if not checkpoint and metrics_path.exists():
@@ -1142,6 +1159,10 @@ def train(cfg: Config) -> dict:
             scheduler.step()
             metrics.update(step=step + 1, lr=scheduler.get_last_lr()[0],
                            seconds=round(seconds_before + time.perf_counter() - train_start, 2))
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                with timer("eval"):
+                    metrics["dev_bleu"] = evaluate(policy, processor, dev_examples, cfg, True, cfg.seed)["bleu"]
+                keep_best(policy, processor, step + 1, metrics["dev_bleu"], output_dir)
             metrics_file.write(json.dumps(metrics) + "\n")
             metrics_file.flush()
             shown = {k: metrics[k] for k in ("loss", "reward", "kl", "clip_fraction") if k in metrics}
@@ -1161,10 +1182,13 @@ def train(cfg: Config) -> dict:
     train_seconds = time.perf_counter() - train_start
     save_model(policy, processor, output_dir / "final", cfg.save_dtype)  # before the long eval
     with timer("eval"):
-        for mode in ("sampled", "greedy"):
-            results["after"][mode] = evaluate(policy, processor, test_examples, cfg,
-                                              mode == "greedy", cfg.seed)
-    print_eval(f"after {cfg.algo}", results["after"], test_examples, cfg.examples)
+        results["after"] = evaluate_modes(policy, processor, test_examples, cfg)
+        print_eval(f"after {cfg.algo}", results["after"], test_examples, cfg.examples)
+        if (output_dir / "best" / "best.json").is_file():     # --eval_every: the dev-best model too
+            results["best"] = json.loads((output_dir / "best" / "best.json").read_text())
+            _, best = load_model(dataclasses.replace(cfg, model=str(output_dir / "best")), device)
+            results["best"].update(evaluate_modes(best, processor, test_examples, cfg))
+            print_eval(f"best on dev, step {results['best']['step']}", results["best"], test_examples, cfg.examples)
     results["timing"] = timing_summary(timer, steps_run, train_seconds)
     write_predictions(output_dir / "predictions.jsonl", test_examples, results)
     with open(output_dir / "results.json", "w", encoding="utf-8") as f:
@@ -1177,9 +1201,7 @@ def evaluate_only(cfg: Config, model, processor, examples: list[dict], output_di
     """--steps 0: score a checkpoint on --test, sampled and greedy; results.json keeps the
     predictions."""
     start = time.perf_counter()
-    results = {"config": dataclasses.asdict(cfg), "eval": {
-        mode: evaluate(model, processor, examples, cfg, mode == "greedy", cfg.seed)
-        for mode in ("sampled", "greedy")}}
+    results = {"config": dataclasses.asdict(cfg), "eval": evaluate_modes(model, processor, examples, cfg)}
     print_eval(f"{cfg.model}, {cfg.eval_audio}", results["eval"], examples, cfg.examples)
     with open(output_dir / "results.json", "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1, ensure_ascii=False)
@@ -1202,14 +1224,14 @@ def write_predictions(path: Path, examples: list[dict], results: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for index, example in enumerate(examples):
             row = {"where": example["where"], "references": references_of(example)}
-            for when in ("before", "after"):
-                for mode, evaluation in results[when].items():
-                    if "predictions" in evaluation:
-                        row[f"{when}_{mode}"] = evaluation["predictions"][index]
+            for when in ("before", "after", "best"):
+                for mode in ("sampled", "greedy"):
+                    if "predictions" in results.get(when, {}).get(mode, {}):
+                        row[f"{when}_{mode}"] = results[when][mode]["predictions"][index]
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    for when in ("before", "after"):
-        for evaluation in results[when].values():
-            evaluation.pop("predictions", None)
+    for when in ("before", "after", "best"):
+        for mode in ("sampled", "greedy"):
+            results.get(when, {}).get(mode, {}).pop("predictions", None)
 
 
 class TrainingStopped(RuntimeError):
@@ -1240,11 +1262,13 @@ def print_eval(label: str, evaluation: dict, examples: list[dict], count: int) -
 
 def print_summary(results: dict, cfg: Config) -> None:
     rows = [("base", results["before"]), (f"+ {cfg.algo}", results["after"])]
-    print(f"\n{'model':<12} {'BLEU sampled':>13} {'BLEU greedy':>12} {'chrF sampled':>13} "
+    if "best" in results:
+        rows.append((f"best, step {results['best']['step']}", results["best"]))
+    print(f"\n{'model':<16} {'BLEU sampled':>13} {'BLEU greedy':>12} {'chrF sampled':>13} "
           f"{'chrF greedy':>12}")
     for name, evaluation in rows:
         if evaluation:
-            print(f"{name:<12} {evaluation['sampled']['bleu']:>13.2f} {evaluation['greedy']['bleu']:>12.2f} "
+            print(f"{name:<16} {evaluation['sampled']['bleu']:>13.2f} {evaluation['greedy']['bleu']:>12.2f} "
                   f"{evaluation['sampled']['chrf']:>13.2f} {evaluation['greedy']['chrf']:>12.2f}")
     print(f"sacrebleu: {results['after']['sampled']['signature']}")
     timing = results["timing"]

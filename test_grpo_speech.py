@@ -508,7 +508,7 @@ def test_manifest_errors_name_file_and_line(tmp_path):
         ([{"audio": "a.wav", "translation": [["x"]]}], ":1: 'translation' must be"),
         ([{"audio": "a.wav", "translation": None}], ":1: 'translation' must be a string or a list of strings, got null"),
         ([{"audio": 5, "translation": "x"}], ":1: 'audio' must be a string, got 5"),
-        ([{"audio": " ", "translation": "x"}], ":1: empty audio path"),
+        ([{"audio": " ", "translation": "x"}], ":1: empty audio"),
         ([{"audio": "a.wav", "question": 7, "answer": "x", "task": "sqa"}], ":1: 'question' must be a string, got 7"),
         ([{"audio": "a.wav", "question": "", "answer": "x", "task": "sqa"}], ":1: empty question"),
     ]
@@ -846,3 +846,29 @@ def test_ctrl_c_in_the_final_evaluation_keeps_the_model_and_divergence_stops(sma
     monkeypatch.setattr(gs, "sample", diverged)
     assert run_cli(small_data, tmp_path / "b", "--skip_base_eval") == 1
     assert "stopped: step 1: probability tensor contains" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_every_keeps_the_dev_best_model_and_reports_both(small_data, tmp_path, monkeypatch):
+    dev = write_manifest(tmp_path / "dev.jsonl", Path(small_data["test"]).read_text().splitlines()[:3])
+    real_evaluate, dev_scores = gs.evaluate, [10.0, 30.0, 20.0]      # steps 2, 4, 6: best is 4
+
+    def scripted_dev(model, processor, examples, cfg, greedy, seed):
+        if len(examples) == 3:
+            return {"bleu": dev_scores.pop(0)}
+        return real_evaluate(model, processor, examples, cfg, greedy, seed)
+    monkeypatch.setattr(gs, "evaluate", scripted_dev)
+    out = tmp_path / "run"
+    assert run_cli(small_data, out, "--steps", "6", "--eval_every", "2", "--dev", str(dev),
+                   "--save_every", "2", "--keep_checkpoints", "3", "--skip_base_eval",
+                   "--lr", "1e-3") == 0
+    assert [m.get("dev_bleu") for m in read_metrics(out)] == [None, 10.0, None, 30.0, None, 20.0]
+    assert json.loads((out / "best" / "best.json").read_text()) == {"step": 4, "dev_bleu": 30.0}
+    from safetensors.torch import load_file
+    best, step4, last = (load_file(out / d / "model.safetensors")
+                         for d in ("best", "checkpoint-000004", "checkpoint-000006"))
+    assert all(torch.equal(best[k], step4[k]) for k in best)
+    assert not all(torch.equal(best[k], last[k]) for k in best)
+    results = json.loads((out / "results.json").read_text())
+    assert results["best"]["step"] == 4 and 0 <= results["best"]["greedy"]["bleu"] <= 100
+    assert "best_greedy" in json.loads((out / "predictions.jsonl").read_text().splitlines()[0])
