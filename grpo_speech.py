@@ -42,6 +42,7 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -106,6 +107,10 @@ class Config:
     lr_scheduler: str = option("constant_with_warmup",
         "any transformers scheduler name (constant_with_warmup, cosine, linear)")
     max_grad_norm: float = option(1.0, "gradient clipping norm; 0 = no clipping")
+    micro_batch_size: int = option(0, "sequences per forward/backward pass (memory): gradients "
+        "accumulate over the step, normalised exactly as in one pass; 0 = all at once")
+    gradient_checkpointing: bool = option(False, "recompute the LLM's activations in the "
+                                          "backward pass: less memory, more time")
     train_projector: bool = option(False,
         "SFT only: also train the projector (the speech encoder is always frozen)")
     # --- evaluation (paper: sampling with top-p 0.9, temperature 0.9) ---
@@ -167,7 +172,7 @@ def check_config(cfg: Config) -> Config:
                  "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("steps", "sft_batch_size", "eval_limit", "save_every", "log_every", "examples",
+    for name in ("steps", "sft_batch_size", "eval_limit", "micro_batch_size", "save_every", "log_every", "examples",
                  "eval_every", "dev_limit",
                  "threads", "lr", "weight_decay", "beta", "max_grad_norm", "policy_shaping"):
         if getattr(cfg, name) < 0:
@@ -204,19 +209,7 @@ def check_config(cfg: Config) -> Config:
     if not model.is_dir() and (not re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.model)
                                or Path(model.parts[0]).exists()):
         raise UsageError(f"--model {cfg.model}: no such checkpoint directory (nor a hub id like org/name)")
-    check_writable(Path(cfg.output_dir))
     return cfg
-
-
-def check_writable(directory: Path) -> None:
-    """Fail now, not after an hour of training, if the results cannot be written."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise UsageError(f"--output_dir {directory}: cannot write there ({error.strerror})") from None
 
 
 # =============================================================================================
@@ -419,6 +412,8 @@ def load_model(cfg: Config, device):
     model.eval()
     model.model.encoder.requires_grad_(False)
     model.model.projector.requires_grad_(cfg.train_projector)
+    if cfg.gradient_checkpointing:
+        model.model.language_model.activation_checkpointing_enable()
     return processor, model
 
 
@@ -703,6 +698,16 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return -(logp * mask).sum() / mask.sum().clamp(min=1)
 
 
+def batch_share(loss_type: str, part_mask: torch.Tensor, mask: torch.Tensor) -> float:
+    """Weight of a micro-batch's loss (rows part_mask of the batch's mask, both (rows, T)) so
+    that the micro-batch losses add up to the loss of the whole batch in one pass: "dapo" (and
+    SFT) divide by tokens, so a part counts by its share of the tokens; "grpo" and "dr_grpo"
+    divide by sequences, so by its share of the rows."""
+    if loss_type == "dapo":
+        return (part_mask.sum() / mask.sum().clamp(min=1)).item()
+    return part_mask.shape[0] / mask.shape[0]
+
+
 # =============================================================================================
 # 7. MP-GRPO: the ground truth as one member of each group
 # =============================================================================================
@@ -829,19 +834,23 @@ class Timer:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def update(policy, optimizer, loss, max_grad_norm: float, timer: Timer) -> torch.Tensor:
-    """Backward, clip, step. A NaN/inf loss or gradient stops before the weights change."""
+def backward(loss: torch.Tensor, timer: Timer) -> None:
+    """Accumulate a (micro-batch's) gradient. A NaN/inf loss stops before the weights change."""
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()}")
     with timer("backward"):
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
+
+
+def optimizer_step(policy, optimizer, max_grad_norm: float, timer: Timer) -> torch.Tensor:
+    """Clip the accumulated gradient, step, clear it. A NaN/inf gradient stops before the step."""
     with timer("optimizer"):
         grad_norm = torch.nn.utils.clip_grad_norm_(     # inf: only measure (0 = no clipping)
             [p for p in policy.parameters() if p.requires_grad], max_grad_norm or float("inf"))
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"gradient norm is {grad_norm.item()}")
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
 
@@ -876,25 +885,39 @@ def grpo_step(cfg, policy, reference, processor, optimizer, batch: Batch, timer:
     audio_rows = audio_embeds.repeat_interleave(G, dim=0)
     audio_mask = batch.audio_mask.repeat_interleave(G, dim=0)
     forward = (prompt_ids, prompt_mask, audio_rows, audio_mask, completion_ids)
+    # Log-probs in micro-batches of rows (--micro_batch_size): the same numbers, less memory.
+    rows_per_pass = cfg.micro_batch_size or len(mask)
+    parts = [slice(i, i + rows_per_pass) for i in range(0, len(mask), rows_per_pass)]
+
+    def log_probs(model, rows):
+        return sequence_log_probs(completion_logits(model, *(x[rows] for x in forward)),
+                                  completion_ids[rows], mask[rows], cfg.temperature)
     # 3. Reference log-probs, only when the KL term is on.
     ref_logp = None
     if cfg.beta > 0:
         with timer("reference"), torch.no_grad():
-            ref_logp = sequence_log_probs(completion_logits(reference, *forward), completion_ids,
-                                          mask, cfg.temperature)
+            ref_logp = torch.cat([log_probs(reference, rows) for rows in parts])
     # 4. Policy update(s). With num_iterations == 1 the old policy is the current one.
     set_train_mode(policy, cfg.train_projector)
     old_logp = None
+    terms = (cfg.eps, cfg.beta, cfg.loss_type)
     for _ in range(cfg.num_iterations):
-        with timer("forward"):
-            logp = sequence_log_probs(completion_logits(policy, *forward), completion_ids, mask,
-                                      cfg.temperature)
-            if old_logp is None:
-                old_logp = logp.detach()
-            loss, diagnostics = grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg.eps,
-                                          cfg.beta, cfg.loss_type, off_policy, cfg.eps_high,
-                                          cfg.policy_shaping, cfg.max_completion_length)
-        grad_norm = update(policy, optimizer, loss, cfg.max_grad_norm, timer)
+        new_logp = []
+        for rows in parts:
+            with timer("forward"):
+                logp = log_probs(policy, rows)
+                old = logp.detach() if old_logp is None else old_logp[rows]
+                part = [None if x is None else x[rows] for x in (ref_logp, off_policy)]
+                loss, _ = grpo_loss(logp, old, part[0], advantages[rows], mask[rows], *terms,
+                                    part[1], cfg.eps_high, cfg.policy_shaping, cfg.max_completion_length)
+            backward(loss * batch_share(cfg.loss_type, mask[rows], mask), timer)
+            new_logp.append(logp.detach())
+        old_logp = torch.cat(new_logp) if old_logp is None else old_logp
+        with torch.no_grad():           # the whole batch's loss and diagnostics, for the log
+            loss, diagnostics = grpo_loss(torch.cat(new_logp), old_logp, ref_logp, advantages, mask,
+                                          *terms, off_policy, cfg.eps_high, cfg.policy_shaping,
+                                          cfg.max_completion_length)
+        grad_norm = optimizer_step(policy, optimizer, cfg.max_grad_norm, timer)
     on_policy = rewards if off_policy is None else rewards[~off_policy.cpu()]
     return {"loss": loss.item(), "reward": on_policy.mean().item(),
             "reward_std": on_policy.std().item(), "grad_norm": grad_norm.item(),
@@ -908,19 +931,27 @@ def sft_step(cfg, policy, processor, optimizer, batch: Batch, timer: Timer, rng:
     eos = policy.config.text_config.eos_token_id
     pad = policy.config.text_config.pad_token_id
     set_train_mode(policy, cfg.train_projector)
-    with timer("forward"):
-        targets = answer_ids(processor.tokenizer, [rng.choice(r) for r in batch.references], eos)
-        target_ids = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True,
-                                                     padding_value=pad).to(batch.input_ids.device)
-        mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(t)) for t in targets],
-                                               batch_first=True).to(batch.input_ids.device)
-        with torch.set_grad_enabled(cfg.train_projector):
-            audio_embeds = encode_audio(policy, batch)
-        logits = completion_logits(policy, batch.input_ids, batch.attention_mask, audio_embeds,
-                                   batch.audio_mask, target_ids)
-        loss = sft_loss(sequence_log_probs(logits, target_ids, mask), mask)
-    grad_norm = update(policy, optimizer, loss, cfg.max_grad_norm, timer)
-    return {"loss": loss.item(), "grad_norm": grad_norm.item(),
+    targets = answer_ids(processor.tokenizer, [rng.choice(r) for r in batch.references], eos)
+    target_ids = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True,
+                                                 padding_value=pad).to(batch.input_ids.device)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(t)) for t in targets],
+                                           batch_first=True).to(batch.input_ids.device)
+    total, rows_per_pass = 0.0, cfg.micro_batch_size or len(targets)
+    for rows in [slice(i, i + rows_per_pass) for i in range(0, len(targets), rows_per_pass)]:
+        with timer("forward"):
+            with torch.set_grad_enabled(cfg.train_projector):
+                audio_embeds = encode_audio(policy, dataclasses.replace(
+                    batch, input_features=batch.input_features[rows]))         # (rows, A', H)
+            width = batch.audio_mask.shape[1] - audio_embeds.shape[1]     # pad to the batch's A
+            audio_embeds = torch.nn.functional.pad(audio_embeds, (0, 0, 0, width))
+            logits = completion_logits(policy, batch.input_ids[rows], batch.attention_mask[rows],
+                                       audio_embeds, batch.audio_mask[rows], target_ids[rows])
+            loss = sft_loss(sequence_log_probs(logits, target_ids[rows], mask[rows]), mask[rows])
+            loss = loss * batch_share("dapo", mask[rows], mask)
+        backward(loss, timer)
+        total += loss.item()
+    grad_norm = optimizer_step(policy, optimizer, cfg.max_grad_norm, timer)
+    return {"loss": total, "grad_norm": grad_norm.item(),
             "completion_tokens": mask.sum(dim=1).mean().item()}
 
 
@@ -986,17 +1017,12 @@ def resume_config(cfg: Config, given: set[str]) -> Config:
     else:
         path = Path(cfg.resume)
     earlier = [p for p in checkpoints(path.parent) if p != path]
-    for name in ("run.json", "config.json", "model.safetensors", "trainer_state.pt"):
+    from safetensors.torch import load_file
+    readers = {"run.json": lambda f: json.loads(f.read_text()), "config.json": lambda f: json.loads(f.read_text()),
+               "model.safetensors": load_file, "trainer_state.pt": lambda f: torch.load(f, weights_only=True)}
+    for name, read in readers.items():
         try:
-            if name.endswith(".json"):
-                json.loads((path / name).read_text())
-            elif name == "model.safetensors":
-                from safetensors import safe_open
-                with safe_open(path / name, "pt") as weights:
-                    for key in weights.keys():
-                        weights.get_tensor(key)
-            else:
-                torch.load(path / name, weights_only=True)
+            read(path / name)
         except Exception as error:
             raise UsageError(f"--resume {path}: {name} is missing or damaged ({type(error).__name__}); "
                              + (f"try --resume {earlier[-1]}" if earlier else "no earlier checkpoint")) from None
@@ -1017,12 +1043,9 @@ def resume_config(cfg: Config, given: set[str]) -> Config:
 class StopRequest:
     """First Ctrl-C (or SIGTERM, as schedulers send): finish the current step, save a
     checkpoint, exit. Second: stop at once."""
-
-    def __init__(self):
-        self.requested = False
+    requested = False
 
     def __enter__(self):
-        import signal
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -1030,11 +1053,9 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstop requested: saving a checkpoint after this step (again to quit now)",
-              file=sys.stderr)
+        print("\nstop requested: saving a checkpoint after this step (again to quit now)", file=sys.stderr)
 
     def __exit__(self, *exc):
-        import signal
         for number, handler in self.previous.items():
             signal.signal(number, handler)
 
@@ -1043,9 +1064,15 @@ RUN_FILES = ("metrics.jsonl", "results.json", "base_eval.json", "predictions.jso
 
 
 def prepare_output_dir(cfg: Config) -> Path:
-    """A fresh run never mixes with, or silently deletes, another run's files."""
+    """A fresh run never mixes with, or silently deletes, another run's files; and it fails
+    now, not after an hour of training, if its results cannot be written."""
     output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / ".write-test").write_text("")
+        (output_dir / ".write-test").unlink()
+    except OSError as error:
+        raise UsageError(f"--output_dir {output_dir}: cannot write there ({error.strerror})") from None
     old = [p for p in output_dir.iterdir() if p.name in RUN_FILES or p in checkpoints(output_dir)]
     if old and not cfg.resume:
         if not cfg.overwrite_output_dir:
@@ -1079,6 +1106,17 @@ def restore(checkpoint: Path, optimizer, scheduler, output_dir: Path) -> tuple[i
     metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
     print(f"resuming from {checkpoint} at step {state['step']}", file=sys.stderr)
     return state["step"], kept[-1]["seconds"] if kept else 0.0
+
+
+def memory_report(policy, reference) -> str:
+    """Parameters, trainable parameters, and the memory they need before any activations:
+    weights (+ the frozen reference copy), float32 gradients and AdamW's two moments."""
+    count = sum(p.numel() for p in policy.parameters())
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    weights = sum(p.numel() * p.element_size() for p in policy.parameters()) * (2 if reference else 1)
+    gigabytes = (weights + trainable * 4 * 3) / 1e9
+    return (f"model: {count / 1e6:.1f}M parameters, {trainable / 1e6:.1f}M trainable; weights"
+            f"{' + reference' if reference else ''} + gradients + AdamW = {gigabytes:.2f} GB before activations")
 
 
 def keep_best(policy, processor, step: int, dev_bleu: float, output_dir: Path) -> None:
@@ -1116,6 +1154,7 @@ def train(cfg: Config) -> dict:
     if checkpoint:                      # the policy continues; pi_ref stays the base model
         _, policy = load_model(dataclasses.replace(cfg, model=str(checkpoint)), device)
     trainable = [p for p in policy.parameters() if p.requires_grad]
+    print(memory_report(policy, reference), file=sys.stderr)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
                               num_warmup_steps=int(cfg.warmup_ratio * cfg.steps),

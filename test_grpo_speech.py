@@ -229,6 +229,30 @@ def test_off_policy_rows_are_not_clipped_and_weighted_by_probability():
     assert diagnostics["ratio"] == pytest.approx(2.0)
 
 
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_micro_batches_give_the_gradient_of_the_whole_batch(loss_type):
+    torch.manual_seed(0)
+    logp = torch.randn(6, 5, requires_grad=True)
+    ref_logp, advantages = torch.randn(6, 5), torch.randn(6)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0],
+                         [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 0]], dtype=torch.float)
+    off_policy = torch.tensor([False, False, True, False, False, True])
+    args = dict(eps=0.2, beta=0.04, loss_type=loss_type, off_policy=off_policy, max_completion_length=5)
+    whole, _ = gs.grpo_loss(logp, logp.detach() - 0.1, ref_logp, advantages, mask, **args)
+    (expected,) = torch.autograd.grad(whole, logp)
+    total = 0.0
+    for rows in (slice(0, 4), slice(4, 6)):            # unequal parts, unequal token counts
+        args["off_policy"] = off_policy[rows]
+        part, _ = gs.grpo_loss(logp[rows], logp[rows].detach() - 0.1, ref_logp[rows],
+                               advantages[rows], mask[rows], **args)
+        total = total + part * gs.batch_share(loss_type, mask[rows], mask)
+    assert total.item() == pytest.approx(whole.item(), abs=1e-6)
+    (got,) = torch.autograd.grad(total, logp)
+    assert torch.allclose(got, expected, atol=1e-7)
+    # without the share, a plain mean of the part losses would weight tokens unequally
+    assert gs.batch_share("dapo", mask[:4], mask) == pytest.approx(11 / 17)   # 5+2+1+3 of 17 tokens
+
+
 def test_policy_shaping():
     logp = torch.tensor([[math.log(0.5)]], requires_grad=True)
     loss, _ = gs.grpo_loss(logp, logp.detach(), None, torch.tensor([1.0]), torch.ones(1, 1),
@@ -591,7 +615,8 @@ def test_max_grad_norm_zero_does_not_clip():
         layer.weight.data.zero_()
         optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
         loss = layer(torch.tensor([[30.0, 40.0]])).sum()
-        grad_norm = gs.update(layer, optimizer, loss, norm, gs.Timer())
+        gs.backward(loss, gs.Timer())
+        grad_norm = gs.optimizer_step(layer, optimizer, norm, gs.Timer())
         assert grad_norm.item() == pytest.approx(50.0)
         assert -layer.weight[0, 0].item() == pytest.approx(expected_step * (30 / 50 if norm else 1))
 
@@ -872,3 +897,20 @@ def test_eval_every_keeps_the_dev_best_model_and_reports_both(small_data, tmp_pa
     results = json.loads((out / "results.json").read_text())
     assert results["best"]["step"] == 4 and 0 <= results["best"]["greedy"]["bleu"] <= 100
     assert "best_greedy" in json.loads((out / "predictions.jsonl").read_text().splitlines()[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["grpo", "sft"])
+def test_micro_batch_size_changes_memory_not_the_update(algo, small_data, tmp_path):
+    # One step: the same loss and gradient norm (a second step would sample from weights that
+    # differ in the last float bits, hence other completions).
+    logged = {}
+    for name, extra in (("one", ()), ("micro", ("--micro_batch_size", "3")),
+                        ("checkpointed", ("--micro_batch_size", "3", "--gradient_checkpointing"))):
+        assert run_cli(small_data, tmp_path / name, "--algo", algo, "--steps", "1",
+                       "--skip_base_eval", "--eval_limit", "1", *extra) == 0
+        logged[name] = read_metrics(tmp_path / name)[0]
+    assert logged["one"]["grad_norm"] > 0
+    for name in ("micro", "checkpointed"):
+        for key in ("loss", "grad_norm"):
+            assert logged[name][key] == pytest.approx(logged["one"][key], rel=1e-5, abs=1e-7), (name, key)
