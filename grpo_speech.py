@@ -37,6 +37,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import logging
 import os
 import random
 import re
@@ -405,16 +406,54 @@ def load_model(cfg: Config, device):
     options = dict(trust_remote_code=cfg.trust_remote_code)
     processor = GraniteSpeechProcessor.from_pretrained(cfg.model, **options)
     processor.tokenizer.padding_side = "left"          # prompts are left-padded for generation
+    # Its warning that peft is missing does not apply: the adapter is merged below.
+    logging.getLogger("transformers.models.granite_speech.modeling_granite_speech").setLevel(logging.ERROR)
     model = GraniteSpeechForConditionalGeneration.from_pretrained(
         cfg.model, dtype=dtype, use_safetensors=True, **options).to(device)
     if getattr(model, "_hf_peft_config_loaded", False):
-        model.enable_adapters()                         # real checkpoints: LoRA on for audio
+        raise UsageError("peft is installed, so transformers loaded the checkpoint's LoRA adapter "
+                         "itself and cannot switch it on with this peft; uninstall peft (the "
+                         "adapter is merged into the weights here instead)")
+    if model.config.has_lora_adapter:
+        merge_audio_adapter(model, cfg.model)
     model.eval()
     model.model.encoder.requires_grad_(False)
     model.model.projector.requires_grad_(cfg.train_projector)
     if cfg.gradient_checkpointing:
         model.model.language_model.activation_checkpointing_enable()
     return processor, model
+
+
+def merge_audio_adapter(model, checkpoint: str) -> None:
+    """The real checkpoints ship a LoRA adapter on the LLM that is on for every prompt with
+    audio, that is every prompt here. Merge it into the weights once, W <- W + (alpha / r) B A:
+    the LLM then trains as a plain model and saves a plain checkpoint (has_lora_adapter false)
+    that reloads exactly, and peft is not needed."""
+    from safetensors.torch import load_file
+    from transformers.utils import cached_file
+
+    def adapter_file(name):              # a local directory, or the hub cache (downloaded once)
+        return Path(checkpoint) / name if Path(checkpoint).is_dir() else cached_file(checkpoint, name)
+    try:
+        adapter = json.loads(Path(adapter_file("adapter_config.json")).read_text())
+        lora = load_file(adapter_file("adapter_model.safetensors"))
+    except Exception as error:
+        raise UsageError(f"--model {checkpoint}: has_lora_adapter is set but the adapter cannot "
+                         f"be read ({str(error).splitlines()[0]})") from None
+    if adapter.get("use_dora") or adapter.get("use_rslora") or adapter.get("fan_in_fan_out"):
+        raise UsageError(f"--model {checkpoint}: only a plain LoRA adapter can be merged")
+    scale = adapter["lora_alpha"] / adapter["r"]
+    llm = dict(model.model.language_model.named_parameters())        # "layers.0.self_attn...."
+    for name, A in lora.items():
+        if ".lora_A." not in name:
+            continue
+        target = name[name.find("layers."):].replace(".lora_A.weight", ".weight")
+        if target not in llm:
+            raise UsageError(f"--model {checkpoint}: adapter weight {name} fits no LLM weight")
+        B = lora[name.replace(".lora_A.", ".lora_B.")]
+        with torch.no_grad():
+            llm[target] += (scale * B.double() @ A.double()).to(llm[target])
+    model.config.has_lora_adapter = False
 
 
 def set_train_mode(model, train_projector: bool) -> None:

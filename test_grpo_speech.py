@@ -914,3 +914,78 @@ def test_micro_batch_size_changes_memory_not_the_update(algo, small_data, tmp_pa
     for name in ("micro", "checkpointed"):
         for key in ("loss", "grad_norm"):
             assert logged[name][key] == pytest.approx(logged["one"][key], rel=1e-5, abs=1e-7), (name, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# A checkpoint shaped like the real ones (data/make_real_shape.py): Granite 3.3 multipliers,
+# logits_scaling 8, and a LoRA audio adapter saved as peft saves it
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def real_shape(tmp_path_factory):
+    sys.path.insert(0, str(DATA))
+    import make_real_shape
+    return make_real_shape.build(tmp_path_factory.mktemp("real-shape") / "model")
+
+
+def test_real_shape_adapter_is_merged_exactly(real_shape):
+    from safetensors.torch import load_file
+    from transformers import GraniteSpeechForConditionalGeneration
+    plain = GraniteSpeechForConditionalGeneration.from_pretrained(real_shape)     # no peft here
+    _, merged = gs.load_model(gs.Config(model=str(real_shape)), torch.device("cpu"))
+    assert merged.config.has_lora_adapter is False
+    lora, scale = load_file(real_shape / "adapter_model.safetensors"), 8 / 4       # alpha / r
+    for layer in range(2):
+        for module in ("q_proj", "v_proj"):
+            key = f"base_model.model.model.language_model.layers.{layer}.self_attn.{module}"
+            W = getattr(plain.model.language_model.layers[layer].self_attn, module).weight
+            expected = W + scale * lora[f"{key}.lora_B.weight"] @ lora[f"{key}.lora_A.weight"]
+            got = getattr(merged.model.language_model.layers[layer].self_attn, module).weight
+            assert torch.allclose(got, expected, atol=1e-6)
+        k_proj = merged.model.language_model.layers[layer].self_attn.k_proj.weight    # untouched
+        assert torch.equal(k_proj, plain.model.language_model.layers[layer].self_attn.k_proj.weight)
+
+
+def test_real_shape_logits_scaling_is_applied_once(real_shape):
+    _, model = gs.load_model(gs.Config(model=str(real_shape)), torch.device("cpu"))
+    assert gs.logits_scale(model) == 8.0
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+        unscaled = model.lm_head(out.hidden_states[-1])
+        # Granite Speech's head does not divide by logits_scaling (the text-only Granite model
+        # does). If transformers starts doing it, this fails and gs.logits_scale must go.
+        assert torch.allclose(out.logits, unscaled, atol=1e-5)
+        ours = gs.completion_logits(model, ids[:, :2], torch.ones(1, 2, dtype=torch.long), None, None, ids[:, 2:])
+        assert torch.allclose(ours, unscaled[:, 1:3] / 8.0, atol=1e-5)
+
+
+def test_real_shape_bad_adapter_is_one_line(real_shape, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(real_shape, broken)
+    (broken / "adapter_model.safetensors").unlink()
+    assert gs.main(["--model", str(broken), "--steps", "0", "--output_dir", str(tmp_path / "o")]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]           # after the loader's progress bar
+    assert error.startswith("error: --model ") and "has_lora_adapter is set but the adapter cannot be read" in error
+
+
+@pytest.mark.slow
+def test_real_shape_trains_saves_reloads_and_resumes(real_shape, small_data, tmp_path):
+    out = tmp_path / "run"
+    # MP-GRPO: a random model's samples all score 0, the injected reference gives the signal
+    assert run_cli(small_data, out, "--model", str(real_shape), "--steps", "2", "--save_every", "1",
+                   "--eval_limit", "3", "--skip_base_eval", "--lr", "1e-3", "--algo", "mp_grpo") == 0
+    metrics = read_metrics(out)
+    assert all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in metrics)
+    after = [json.loads(line)["after_greedy"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    # final/ is a plain checkpoint (adapter merged): it reloads to the same answers
+    assert json.loads((out / "final" / "config.json").read_text())["has_lora_adapter"] is False
+    assert not (out / "final" / "adapter_config.json").exists()
+    assert gs.main(["--steps", "0", "--model", str(out / "final"), "--test", small_data["test"],
+                    "--eval_limit", "3", "--max_completion_length", "24",
+                    "--output_dir", str(tmp_path / "reload")]) == 0
+    reloaded = json.loads((tmp_path / "reload" / "results.json").read_text())["eval"]["greedy"]["predictions"]
+    assert reloaded == after
+    # resume from step 1 with the printed command alone reproduces step 2
+    shutil.rmtree(out / "final")
+    assert gs.main(["--resume", str(out / "checkpoint-000001"), "--overwrite_output_dir"]) == 0
+    assert read_metrics(out)[1]["loss"] == pytest.approx(metrics[1]["loss"], rel=1e-4, abs=1e-6)
