@@ -38,7 +38,7 @@ cfg = gs.check_config(gs.Config(task=args.task, model=args.model, batch_size=arg
                                 group_size=args.group_size, device=args.device, dtype=args.dtype,
                                 max_completion_length=args.max_completion_length,
                                 threads=args.threads))
-device = gs.pick_device(cfg)
+device = gs.setup_device(cfg)
 if cfg.threads:
     torch.set_num_threads(cfg.threads)
 torch.manual_seed(0)

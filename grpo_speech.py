@@ -737,14 +737,14 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return -(logp * mask).sum() / mask.sum().clamp(min=1)
 
 
-def batch_share(loss_type: str, part_mask: torch.Tensor, mask: torch.Tensor) -> float:
-    """Weight of a micro-batch's loss (rows part_mask of the batch's mask, both (rows, T)) so
-    that the micro-batch losses add up to the loss of the whole batch in one pass: "dapo" (and
-    SFT) divide by tokens, so a part counts by its share of the tokens; "grpo" and "dr_grpo"
-    divide by sequences, so by its share of the rows."""
+def batch_share(loss_type: str, part_mask: torch.Tensor, tokens: float, rows: int) -> float:
+    """Weight of the loss of a part of the batch (a micro-batch, or one process's share under
+    torchrun; part_mask (rows_part, T)) so that the parts' losses add up to the loss of the whole
+    batch of `tokens` completion tokens in `rows` sequences: "dapo" (and SFT) divide by tokens,
+    so a part counts by its share of the tokens; "grpo" and "dr_grpo" by its share of the rows."""
     if loss_type == "dapo":
-        return (part_mask.sum() / mask.sum().clamp(min=1)).item()
-    return part_mask.shape[0] / mask.shape[0]
+        return part_mask.sum().item() / max(tokens, 1)
+    return part_mask.shape[0] / rows
 
 
 # =============================================================================================
@@ -836,16 +836,19 @@ def evaluate(model, processor, examples: list[dict], cfg: Config, greedy: bool, 
     model.eval()
     predictions = []
     device = next(model.parameters()).device
+    shard = examples[rank()::world()]              # under torchrun each process answers a share
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for start in tqdm(range(0, len(examples), cfg.eval_batch_size), leave=False,
+        torch.manual_seed(seed + rank())
+        for start in tqdm(range(0, len(shard), cfg.eval_batch_size), leave=False, disable=rank() > 0,
                           desc="eval greedy" if greedy else "eval sampled", file=sys.stderr):
-            chunk = examples[start:start + cfg.eval_batch_size]
+            chunk = shard[start:start + cfg.eval_batch_size]
             batch = make_batch(chunk, processor, device, replacement_audio(chunk, cfg.eval_audio))
             ids = sample(model, batch, encode_audio(model, batch), 1, cfg.max_completion_length,
                          cfg.eval_temperature, cfg.eval_top_p, greedy=greedy)
             mask = completion_mask(ids, model.config.text_config.eos_token_id)
             predictions += decode(processor.tokenizer, ids, mask)
+    shards = all_gather(predictions)
+    predictions = [shards[i % world()][i // world()] for i in range(len(examples))]
     references = [references_of(ex) for ex in examples]
     most = max(len(r) for r in references)
     # sacrebleu takes one stream per reference position; None marks "no n-th reference here".
@@ -860,6 +863,43 @@ def evaluate(model, processor, examples: list[dict], cfg: Config, greedy: bool, 
 # =============================================================================================
 # 9. Training loop
 # =============================================================================================
+def setup_device(cfg: Config) -> torch.device:
+    """One process, or one of N started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK set): then
+    NCCL between GPUs, or gloo between CPU processes."""
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if "RANK" not in os.environ:
+        return torch.device("cuda" if cuda else "cpu")
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def all_sum(value: float) -> float:
+    """The sum of a number over all processes (the number itself in a single process)."""
+    if world() == 1:
+        return value
+    gpu = torch.distributed.get_backend() == "nccl"
+    total = torch.tensor(float(value), dtype=torch.float64, device="cuda" if gpu else "cpu")
+    torch.distributed.all_reduce(total)
+    return total.item()
+
+
+def all_gather(value) -> list:
+    """Every process's `value` (any picklable object), in rank order."""
+    if world() == 1:
+        return [value]
+    gathered = [None] * world()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
 class Timer:
     """Wall time per phase, for the summary at the end."""
 
@@ -882,10 +922,17 @@ def backward(loss: torch.Tensor, timer: Timer) -> None:
 
 
 def optimizer_step(policy, optimizer, max_grad_norm: float, timer: Timer) -> torch.Tensor:
-    """Clip the accumulated gradient, step, clear it. A NaN/inf gradient stops before the step."""
+    """Sum the gradients over processes, clip, step, clear. A NaN/inf gradient stops before
+    the step. Each process's loss was weighted by its share of the global batch (batch_share),
+    so the summed gradient is the global batch's: what DDP does, without its wrapper, because
+    the log-prob passes call the model's parts (encoder, embeddings, LLM) directly."""
+    trainable = [p for p in policy.parameters() if p.requires_grad]
     with timer("optimizer"):
+        for p in trainable if world() > 1 else []:
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+            torch.distributed.all_reduce(p.grad)
         grad_norm = torch.nn.utils.clip_grad_norm_(     # inf: only measure (0 = no clipping)
-            [p for p in policy.parameters() if p.requires_grad], max_grad_norm or float("inf"))
+            trainable, max_grad_norm or float("inf"))
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"gradient norm is {grad_norm.item()}")
         optimizer.step()
@@ -927,6 +974,7 @@ def grpo_step(cfg, policy, reference, processor, optimizer, batch: Batch, timer:
     # Log-probs in micro-batches of rows (--micro_batch_size): the same numbers, less memory.
     rows_per_pass = cfg.micro_batch_size or len(mask)
     parts = [slice(i, i + rows_per_pass) for i in range(0, len(mask), rows_per_pass)]
+    tokens, sequences = all_sum(mask.sum().item()), all_sum(len(mask))    # of the global batch
 
     def log_probs(model, rows):
         return sequence_log_probs(completion_logits(model, *(x[rows] for x in forward)),
@@ -949,7 +997,7 @@ def grpo_step(cfg, policy, reference, processor, optimizer, batch: Batch, timer:
                 part = [None if x is None else x[rows] for x in (ref_logp, off_policy)]
                 loss, _ = grpo_loss(logp, old, part[0], advantages[rows], mask[rows], *terms,
                                     part[1], cfg.eps_high, cfg.policy_shaping, cfg.max_completion_length)
-            backward(loss * batch_share(cfg.loss_type, mask[rows], mask), timer)
+            backward(loss * batch_share(cfg.loss_type, mask[rows], tokens, sequences), timer)
             new_logp.append(logp.detach())
         old_logp = torch.cat(new_logp) if old_logp is None else old_logp
         with torch.no_grad():           # the whole batch's loss and diagnostics, for the log
@@ -957,12 +1005,16 @@ def grpo_step(cfg, policy, reference, processor, optimizer, batch: Batch, timer:
                                           *terms, off_policy, cfg.eps_high, cfg.policy_shaping,
                                           cfg.max_completion_length)
         grad_norm = optimizer_step(policy, optimizer, cfg.max_grad_norm, timer)
-    on_policy = rewards if off_policy is None else rewards[~off_policy.cpu()]
-    return {"loss": loss.item(), "reward": on_policy.mean().item(),
-            "reward_std": on_policy.std().item(), "grad_norm": grad_norm.item(),
-            "completion_tokens": mask.sum(dim=1).mean().item(),
-            "zero_std_groups": (rewards.view(-1, G).std(dim=1) == 0).float().mean().item(),
-            **diagnostics}
+    # Logged over the global batch: sums over processes (the values themselves in one process).
+    share = batch_share(cfg.loss_type, mask, tokens, sequences)
+    on_policy = (rewards if off_policy is None else rewards[~off_policy.cpu()]).double()
+    n, total = all_sum(len(on_policy)), all_sum(on_policy.sum().item())
+    spread = all_sum(((on_policy - total / n) ** 2).sum().item())
+    return {"loss": all_sum(loss.item() * share), "reward": total / n,
+            "reward_std": (spread / max(n - 1, 1)) ** 0.5, "grad_norm": grad_norm.item(),
+            "completion_tokens": tokens / sequences,
+            "zero_std_groups": all_sum((rewards.view(-1, G).std(dim=1) == 0).sum().item()) / all_sum(len(rewards) // G),
+            **{k: all_sum(v * mask.sum().item() / tokens) for k, v in diagnostics.items()}}
 
 
 def sft_step(cfg, policy, processor, optimizer, batch: Batch, timer: Timer, rng: random.Random) -> dict:
@@ -976,6 +1028,7 @@ def sft_step(cfg, policy, processor, optimizer, batch: Batch, timer: Timer, rng:
     mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(t)) for t in targets],
                                            batch_first=True).to(batch.input_ids.device)
     total, rows_per_pass = 0.0, cfg.micro_batch_size or len(targets)
+    tokens = all_sum(mask.sum().item())                                  # of the global batch
     for rows in [slice(i, i + rows_per_pass) for i in range(0, len(targets), rows_per_pass)]:
         with timer("forward"):
             with torch.set_grad_enabled(cfg.train_projector):
@@ -986,18 +1039,12 @@ def sft_step(cfg, policy, processor, optimizer, batch: Batch, timer: Timer, rng:
             logits = completion_logits(policy, batch.input_ids[rows], batch.attention_mask[rows],
                                        audio_embeds, batch.audio_mask[rows], target_ids[rows])
             loss = sft_loss(sequence_log_probs(logits, target_ids[rows], mask[rows]), mask[rows])
-            loss = loss * batch_share("dapo", mask[rows], mask)
+            loss = loss * batch_share("dapo", mask[rows], tokens, len(targets))
         backward(loss, timer)
         total += loss.item()
     grad_norm = optimizer_step(policy, optimizer, cfg.max_grad_norm, timer)
-    return {"loss": total, "grad_norm": grad_norm.item(),
-            "completion_tokens": mask.sum(dim=1).mean().item()}
-
-
-def pick_device(cfg: Config) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    return {"loss": all_sum(total), "grad_norm": grad_norm.item(),
+            "completion_tokens": tokens / all_sum(len(targets))}
 
 
 def save_model(model, processor, directory: Path, save_dtype: str = "auto") -> None:
@@ -1019,13 +1066,16 @@ def save_checkpoint(output_dir: Path, step: int, policy, processor, optimizer, s
     directory and renamed, so a crash mid-write never leaves a half checkpoint; only the newest
     --keep_checkpoints are kept."""
     final = output_dir / f"checkpoint-{step:06d}"
+    rng = all_gather({"torch": torch.get_rng_state(), "python": random.getstate(),   # per process
+                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
+    if rank() > 0:
+        return final
     tmp = output_dir / f".tmp-checkpoint-{step:06d}"
     if tmp.exists():
         shutil.rmtree(tmp)
     save_model(policy, processor, tmp)
     state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+             "rng": rng}
     torch.save(state, tmp / "trainer_state.pt")
     (tmp / "run.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}))
     if final.exists():
@@ -1135,15 +1185,17 @@ def restore(checkpoint: Path, optimizer, scheduler, output_dir: Path) -> tuple[i
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(state["python_rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    rng = state["rng"][min(rank(), len(state["rng"]) - 1)]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
     metrics_path = output_dir / "metrics.jsonl"
     kept = [row for row in map(json_or_none, metrics_path.read_text().splitlines())
             if row and row.get("step", state["step"] + 1) <= state["step"]] if metrics_path.is_file() else []
-    metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
-    print(f"resuming from {checkpoint} at step {state['step']}", file=sys.stderr)
+    if rank() == 0:
+        metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    print(f"resuming from {checkpoint} at step {state['step']}")
     return state["step"], kept[-1]["seconds"] if kept else 0.0
 
 
@@ -1172,12 +1224,15 @@ def train(cfg: Config) -> dict:
     """Evaluate the base model, train, evaluate again; write metrics, model and results."""
     from tqdm import tqdm
     from transformers import get_scheduler
-    device = pick_device(cfg)
+    device = setup_device(cfg)
+    is_main = rank() == 0                  # under torchrun only the first process writes and prints
+    if not is_main:
+        sys.stdout = open(os.devnull, "w")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    output_dir = prepare_output_dir(cfg)
+    torch.manual_seed(cfg.seed + rank())   # each process samples its own prompts' groups
+    output_dir = prepare_output_dir(cfg) if is_main else Path(cfg.output_dir)
     checkpoint = Path(cfg.resume) if cfg.resume else None          # resolved by resume_config
     train_examples = load_manifest(cfg.train, cfg.task) if cfg.steps else []
     test_examples = load_manifest(cfg.test, cfg.task)[:cfg.eval_limit or None]
@@ -1193,7 +1248,7 @@ def train(cfg: Config) -> dict:
     if checkpoint:                      # the policy continues; pi_ref stays the base model
         _, policy = load_model(dataclasses.replace(cfg, model=str(checkpoint)), device)
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    print(memory_report(policy, reference), file=sys.stderr)
+    print(memory_report(policy, reference))
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
                               num_warmup_steps=int(cfg.warmup_ratio * cfg.steps),
@@ -1207,17 +1262,21 @@ def train(cfg: Config) -> dict:
         with timer("eval"):
             results["before"] = evaluate_modes(policy, processor, test_examples, cfg)
         print_eval("base", results["before"], test_examples, cfg.examples)
-        base_file.write_text(json.dumps(results["before"]))
-    if not checkpoint and metrics_path.exists():
+        if is_main:
+            base_file.write_text(json.dumps(results["before"]))
+    if not checkpoint and is_main and metrics_path.exists():
         metrics_path.unlink()           # a fresh run does not append to an old run's metrics
     batch_size = cfg.sft_batch_size if cfg.algo == "sft" else cfg.batch_size
     progress = tqdm(range(start_step, cfg.steps), desc=f"{cfg.algo} {cfg.task}", file=sys.stderr,
-                    dynamic_ncols=True, initial=start_step, total=cfg.steps)
+                    dynamic_ncols=True, initial=start_step, total=cfg.steps, disable=not is_main)
     train_start = time.perf_counter()
     step = start_step
-    with open(metrics_path, "a", encoding="utf-8") as metrics_file, StopRequest() as stop:
+    with open(metrics_path if is_main else os.devnull, "a", encoding="utf-8") as metrics_file, \
+            StopRequest() as stop:
         for step in progress:
-            examples = batch_at(train_examples, step, batch_size, cfg.seed)
+            # The global batch of batch_size x processes prompts; each process takes its share.
+            examples = batch_at(train_examples, step, batch_size * world(), cfg.seed)
+            examples = examples[rank() * batch_size:(rank() + 1) * batch_size]
             with timer("data"):
                 batch = make_batch(examples, processor, device)
             try:
@@ -1240,7 +1299,8 @@ def train(cfg: Config) -> dict:
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 with timer("eval"):
                     metrics["dev_bleu"] = evaluate(policy, processor, dev_examples, cfg, True, cfg.seed)["bleu"]
-                keep_best(policy, processor, step + 1, metrics["dev_bleu"], output_dir)
+                if is_main:
+                    keep_best(policy, processor, step + 1, metrics["dev_bleu"], output_dir)
             metrics_file.write(json.dumps(metrics) + "\n")
             metrics_file.flush()
             shown = {k: metrics[k] for k in ("loss", "reward", "kl", "clip_fraction") if k in metrics}
@@ -1248,17 +1308,21 @@ def train(cfg: Config) -> dict:
             if cfg.log_every and (step + 1) % cfg.log_every == 0:
                 progress.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in metrics.items()))
-            if stop.requested or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            stopping = all_sum(stop.requested) > 0             # every process stops at this step
+            if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 saved = save_checkpoint(output_dir, step + 1, policy, processor, optimizer,
                                         scheduler, cfg)
-                if stop.requested:
+                if stopping:
                     progress.close()
                     raise TrainingStopped(f"interrupted: saved {saved}; continue with: python "
                                           f"grpo_speech.py --resume {shlex.quote(str(saved))}")
     progress.close()
     steps_run = cfg.steps - start_step
     train_seconds = time.perf_counter() - train_start
-    save_model(policy, processor, output_dir / "final", cfg.save_dtype)  # before the long eval
+    if is_main:
+        save_model(policy, processor, output_dir / "final", cfg.save_dtype)  # before the long eval
+    if world() > 1:
+        torch.distributed.barrier()     # best/ and final/ are on disk for every process
     with timer("eval"):
         results["after"] = evaluate_modes(policy, processor, test_examples, cfg)
         print_eval(f"after {cfg.algo}", results["after"], test_examples, cfg.examples)
@@ -1268,6 +1332,8 @@ def train(cfg: Config) -> dict:
             results["best"].update(evaluate_modes(best, processor, test_examples, cfg))
             print_eval(f"best on dev, step {results['best']['step']}", results["best"], test_examples, cfg.examples)
     results["timing"] = timing_summary(timer, steps_run, train_seconds)
+    if not is_main:
+        return results
     write_predictions(output_dir / "predictions.jsonl", test_examples, results)
     with open(output_dir / "results.json", "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
@@ -1281,6 +1347,8 @@ def evaluate_only(cfg: Config, model, processor, examples: list[dict], output_di
     start = time.perf_counter()
     results = {"config": dataclasses.asdict(cfg), "eval": evaluate_modes(model, processor, examples, cfg)}
     print_eval(f"{cfg.model}, {cfg.eval_audio}", results["eval"], examples, cfg.examples)
+    if rank() > 0:
+        return results
     with open(output_dir / "results.json", "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1, ensure_ascii=False)
     print(f"evaluated {len(examples)} clips in {time.perf_counter() - start:.0f} s; wrote "
@@ -1388,6 +1456,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\nstopped: interrupted (final/ is written before the final evaluation)", file=sys.stderr)
         return 130
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
