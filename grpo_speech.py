@@ -17,14 +17,17 @@ The file reads top to bottom in the order data flows:
 
     0. Config         every option, with the paper's names and defaults
     1. Data           JSONL manifests, audio loading, prompts
-    2. Model          Granite Speech from transformers; audio encoded once per prompt
+    2. Model          Granite Speech from transformers (a real checkpoint's LoRA adapter
+                      merged at load); audio encoded once per prompt
     3. Sampling       a group of G completions per prompt (the rollout)
     4. Reward         sentence BLEU (and chrF, TER, ROUGE-L) in [0, 1]
     5. Advantages     A_i = (r_i - mean(r)) / (std(r) + eps) within each group
-    6. Loss           token log-probs, the clipped GRPO objective with a k3 KL penalty
+    6. Loss           token log-probs, the clipped GRPO objective with a k3 KL penalty, and
+                      the weight of a micro-batch (or a torchrun process) in the batch's loss
     7. MP-GRPO        inject the ground-truth answer into each group, off-policy
     8. Evaluation     corpus BLEU and chrF (sacrebleu) and WER, sampled and greedy
-    9. Training loop  GRPO / MP-GRPO / SFT steps, checkpoints, metrics, timing
+    9. Training loop  torchrun helpers, GRPO / MP-GRPO / SFT steps, checkpoints and resume,
+                      dev evaluation (--eval_every), metrics, timing
    10. CLI            argument parsing and the summary table
 
 Sections 4-7 are pure functions over tensors (no globals): each can be copied into another
@@ -306,7 +309,7 @@ def check_duration(seconds: float, path: str, where: str) -> None:
     if seconds > MAX_AUDIO_SECONDS:
         raise UsageError(f"{where}: audio is {seconds:.0f} s long, more than the "
                          f"{MAX_AUDIO_SECONDS:.0f} s this script accepts; split it")
-    if seconds < MIN_AUDIO_SECONDS:     # shorter than one feature window: nothing to hear
+    if seconds < MIN_AUDIO_SECONDS:     # too short for a word (and for the mel's padding)
         raise UsageError(f"{where}: audio {path} is {1000 * seconds:.0f} ms long, shorter than "
                          f"{1000 * MIN_AUDIO_SECONDS:.0f} ms")
 
@@ -1105,16 +1108,16 @@ def resume_config(cfg: Config, given: set[str]) -> Config:
         path = found[-1]
     else:
         path = Path(cfg.resume)
-    earlier = [p for p in checkpoints(path.parent) if p != path]
-    from safetensors.torch import load_file
-    readers = {"run.json": lambda f: json.loads(f.read_text()), "config.json": lambda f: json.loads(f.read_text()),
-               "model.safetensors": load_file, "trainer_state.pt": lambda f: torch.load(f, weights_only=True)}
-    for name, read in readers.items():
+    # Cheap checks here, before anything loads (the weights only by their header and size);
+    # trainer_state.pt is checked where it is loaded (restore), so nothing is read twice.
+    for name, check in (("run.json", lambda f: json.loads(f.read_text())),
+                        ("config.json", lambda f: json.loads(f.read_text())),
+                        ("model.safetensors", safetensors_complete)):
         try:
-            read(path / name)
+            if check(path / name) is False:
+                raise ValueError("shorter than its header says")
         except Exception as error:
-            raise UsageError(f"--resume {path}: {name} is missing or damaged ({type(error).__name__}); "
-                             + (f"try --resume {earlier[-1]}" if earlier else "no earlier checkpoint")) from None
+            raise damaged(path, name, error) from None
     saved = json.loads((path / "run.json").read_text())
     restored = {name: value for name, value in saved["config"].items()
                 if name not in given | {"resume", "overwrite_output_dir"}}
@@ -1127,6 +1130,21 @@ def resume_config(cfg: Config, given: set[str]) -> Config:
         raise UsageError(f"--resume {path}: the checkpoint is at step {saved['step']} and "
                          f"--steps is {cfg.steps}: nothing left to train (raise --steps)")
     return cfg
+
+
+def safetensors_complete(path: Path) -> bool:
+    """True if a safetensors file is as long as its header says (a cut copy is not)."""
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+    end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"], default=0)
+    return path.stat().st_size == 8 + header_size + end
+
+
+def damaged(checkpoint: Path, name: str, error: Exception) -> UsageError:
+    earlier = [p for p in checkpoints(checkpoint.parent) if p != checkpoint]
+    return UsageError(f"--resume {checkpoint}: {name} is missing or damaged ({type(error).__name__}); "
+                      + (f"try --resume {earlier[-1]}" if earlier else "no earlier checkpoint"))
 
 
 class StopRequest:
@@ -1162,7 +1180,7 @@ def prepare_output_dir(cfg: Config) -> Path:
         (output_dir / ".write-test").unlink()
     except OSError as error:
         raise UsageError(f"--output_dir {output_dir}: cannot write there ({error.strerror})") from None
-    old = [p for p in output_dir.iterdir() if p.name in RUN_FILES or p in checkpoints(output_dir)]
+    old = [p for p in output_dir.iterdir() if p.name in RUN_FILES] + checkpoints(output_dir)
     if old and not cfg.resume:
         if not cfg.overwrite_output_dir:
             raise UsageError(f"--output_dir {output_dir} holds another run's files "
@@ -1182,7 +1200,10 @@ def evaluate_modes(model, processor, examples: list[dict], cfg: Config) -> dict:
 def restore(checkpoint: Path, optimizer, scheduler, output_dir: Path) -> tuple[int, float]:
     """Optimizer, scheduler and RNG states of a checkpoint; the metrics of later steps are
     dropped (and a line cut short by a crash). Returns (step, training seconds so far)."""
-    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    try:
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    except Exception as error:
+        raise damaged(checkpoint, "trainer_state.pt", error) from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"][min(rank(), len(state["rng"]) - 1)]
