@@ -37,8 +37,10 @@ L = prompt tokens, V = vocabulary.
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -82,7 +84,7 @@ class Config:
     test: str = option("", "evaluation manifest (JSONL); default data/<task>/test.jsonl")
     output_dir: str = option("",
         "where metrics, checkpoints and the final model go; default runs/<task>-<algo>-seed<seed>")
-    reward: str = option("bleu", "reward metric: bleu, chrf, ter or rouge_l (paper: bleu)")
+    reward: str = option("bleu", "reward metric: bleu, chrf, ter, rouge1, rouge2 or rouge_l (paper: bleu)")
     # --- GRPO (paper section 3) ---
     group_size: int = option(8, "G, completions sampled per prompt (paper: 8)")
     beta: float = option(0.02, "weight of the KL penalty to the reference model (paper: 0.02)")
@@ -599,28 +601,34 @@ def ter_rewards(completions: list[str], references: list[list[str]]) -> torch.Te
                          if c.strip() else 0.0 for c, refs in zip(completions, references)])
 
 
-def rouge_l_rewards(completions: list[str], references: list[list[str]]) -> torch.Tensor:
-    """r_i = max over references of the ROUGE-L F1 on lower-cased words:
-    F = 2 P R / (P + R), P = LCS / |completion|, R = LCS / |reference|.
+def rouge_f1(hypothesis: str, reference: str, n: int | None) -> float:
+    """ROUGE F1 on lower-cased words (punctuation dropped): F = 2 P R / (P + R) = 2 m / (|h| + |r|),
+    P = m / |h|, R = m / |r|. ROUGE-N (n = 1, 2): m = shared n-grams (clipped counts), |h|, |r|
+    = n-gram counts; ROUGE-L (n = None): m = longest common subsequence, |h|, |r| = words.
     (Written out here because none of this project's packages has ROUGE.)"""
-    def lcs(a, b):
-        row = [0] * (len(b) + 1)
-        for x in a:
+    h, r = re.findall(r"\w+", hypothesis.lower()), re.findall(r"\w+", reference.lower())
+    if n is None:
+        row = [0] * (len(r) + 1)                    # LCS, one row of the table at a time
+        for x in h:
             previous_diagonal = 0
-            for j, y in enumerate(b, start=1):
+            for j, y in enumerate(r, start=1):
                 previous_diagonal, row[j] = row[j], (previous_diagonal + 1 if x == y
                                                      else max(row[j], row[j - 1]))
-        return row[-1]
-
-    def f1(hypothesis, reference):
-        h, r = hypothesis.lower().split(), reference.lower().split()
-        common = lcs(h, r)
-        return 0.0 if common == 0 else 2 * common / (len(h) + len(r))   # = 2PR / (P + R)
-
-    return torch.tensor([max(f1(c, ref) for ref in refs) for c, refs in zip(completions, references)])
+        matches = row[-1]
+    else:
+        h, r = [tuple(h[i:i + n]) for i in range(len(h) - n + 1)], [tuple(r[i:i + n]) for i in range(len(r) - n + 1)]
+        matches = sum((collections.Counter(h) & collections.Counter(r)).values())
+    return 0.0 if matches == 0 else 2 * matches / (len(h) + len(r))
 
 
-REWARDS = {"bleu": bleu_rewards, "chrf": chrf_rewards, "ter": ter_rewards, "rouge_l": rouge_l_rewards}
+def rouge_rewards(completions: list[str], references: list[list[str]], n: int | None) -> torch.Tensor:
+    """r_i = max over references of rouge_f1(completion_i, reference, n)."""
+    return torch.tensor([max(rouge_f1(c, ref, n) for ref in refs) for c, refs in zip(completions, references)])
+
+
+REWARDS = {"bleu": bleu_rewards, "chrf": chrf_rewards, "ter": ter_rewards,
+           "rouge1": functools.partial(rouge_rewards, n=1), "rouge2": functools.partial(rouge_rewards, n=2),
+           "rouge_l": functools.partial(rouge_rewards, n=None)}
 
 
 # =============================================================================================
@@ -831,10 +839,12 @@ def replacement_audio(examples: list[dict], kind: str) -> list[torch.Tensor] | N
 @torch.no_grad()
 def evaluate(model, processor, examples: list[dict], cfg: Config, greedy: bool, seed: int) -> dict:
     """Answer every test clip once (sampled with top-p/temperature as in the paper, or greedy)
-    and score the corpus with sacrebleu (BLEU, chrF) and WER. The RNG is forked: evaluating does
+    and score the corpus: sacrebleu's BLEU, chrF and TER, ROUGE-1/2/L (mean sentence F1 x 100),
+    their average ("avg", with 100 - TER so that higher is better, as in the paper's reward
+    ablation) and WER. The RNG is forked: evaluating does
     not change the training run's random stream. Each clip is encoded alone, so the scores do
     not depend on --eval_batch_size."""
-    from sacrebleu.metrics import BLEU, CHRF
+    from sacrebleu.metrics import BLEU, CHRF, TER
     from tqdm import tqdm
     model.eval()
     predictions = []
@@ -856,10 +866,15 @@ def evaluate(model, processor, examples: list[dict], cfg: Config, greedy: bool, 
     most = max(len(r) for r in references)
     # sacrebleu takes one stream per reference position; None marks "no n-th reference here".
     streams = [[r[k] if k < len(r) else None for r in references] for k in range(most)]
-    bleu, chrf = BLEU(), CHRF()
-    return {"bleu": bleu.corpus_score(predictions, streams).score,
-            "chrf": chrf.corpus_score(predictions, streams).score,
-            "wer": word_error_rate(predictions, references),
+    bleu = BLEU()
+    scores = {"bleu": bleu.corpus_score(predictions, streams).score,
+              "chrf": CHRF().corpus_score(predictions, streams).score,
+              "ter": TER().corpus_score(predictions, streams).score}
+    for name in ("rouge1", "rouge2", "rouge_l"):
+        scores[name] = 100 * REWARDS[name](predictions, references).mean().item()
+    higher_is_better = {**scores, "ter": 100 - scores["ter"]}
+    scores["avg"] = sum(higher_is_better.values()) / len(higher_is_better)
+    return {**scores, "wer": word_error_rate(predictions, references),
             "signature": str(bleu.get_signature()), "predictions": predictions}
 
 
@@ -1418,10 +1433,12 @@ def timing_summary(timer: Timer, steps: int, train_seconds: float) -> dict:
 # 10. CLI
 # =============================================================================================
 def print_eval(label: str, evaluation: dict, examples: list[dict], count: int) -> None:
-    print(f"\n[{label}] BLEU {evaluation['sampled']['bleu']:.2f} (sampled) / "
-          f"{evaluation['greedy']['bleu']:.2f} (greedy), chrF {evaluation['sampled']['chrf']:.2f} / "
-          f"{evaluation['greedy']['chrf']:.2f}, WER {evaluation['sampled']['wer']:.1f} / "
-          f"{evaluation['greedy']['wer']:.1f}")
+    print(f"\n[{label}]")
+    for mode in ("sampled", "greedy"):
+        e = evaluation[mode]
+        print(f"  {mode:>7}: BLEU {e['bleu']:.2f}, chrF {e['chrf']:.2f}, TER {e['ter']:.2f}, ROUGE-1 "
+              f"{e['rouge1']:.2f}, ROUGE-2 {e['rouge2']:.2f}, ROUGE-L {e['rouge_l']:.2f}, avg {e['avg']:.2f}, "
+              f"WER {e['wer']:.1f}")
     for example, prediction in list(zip(examples, evaluation["greedy"]["predictions"]))[:count]:
         question = f"  Q: {example['question']}\n" if "question" in example else ""
         print(f"{question}  reference: {references_of(example)[0]}\n  greedy:    {prediction}")

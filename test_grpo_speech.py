@@ -324,7 +324,16 @@ def test_other_rewards():
     assert gs.REWARDS["rouge_l"](["the cat sat"], refs).item() == pytest.approx(2 * 3 / (3 + 4))
     assert gs.REWARDS["rouge_l"](["sat the cat"], refs).item() == pytest.approx(2 * 2 / (3 + 4))
     assert gs.REWARDS["rouge_l"](["dog"], refs).item() == 0.0
-    for name in ("bleu", "chrf", "ter", "rouge_l"):
+    # ROUGE-1: "the the cat" shares "the" once (clipped) and "cat": m = 2, 3 + 4 unigrams.
+    assert gs.REWARDS["rouge1"](["The the cat."], refs).item() == pytest.approx(2 * 2 / (3 + 4))
+    # ROUGE-2: "sat the cat" has bigrams (sat the), (the cat); one shared of 2 + 3 bigrams.
+    assert gs.REWARDS["rouge2"](["sat the cat"], refs).item() == pytest.approx(2 * 1 / (2 + 3))
+    assert gs.REWARDS["rouge2"](["cat"], refs).item() == 0.0           # no bigram at all
+    # Umlauts are word characters; punctuation is not: a German answer scores whole.
+    assert gs.REWARDS["rouge1"](["Die Frau trinkt Käse!"], [["die Frau trinkt Käse"]]).item() == 1.0
+    # The closest of several references counts.
+    assert gs.REWARDS["rouge1"](["a b"], [["a c", "a b"]]).item() == 1.0
+    for name in ("bleu", "chrf", "ter", "rouge1", "rouge2", "rouge_l"):
         rewards = gs.REWARDS[name](["the cat sat down", "", "zzz qqq"], refs * 3)
         assert rewards[0].item() == pytest.approx(1.0), name
         assert rewards[1].item() == 0.0, name
@@ -778,6 +787,18 @@ def test_steps_0_evaluates_only_and_listening_checks(small_data, tmp_path, capsy
     assert set(results["eval"]) == {"sampled", "greedy"}
     assert len(results["eval"]["greedy"]["predictions"]) == 4
     assert not (tmp_path / "speech" / "final").exists()
+    # Every metric is recomputed here from the saved answers: corpus BLEU/TER from sacrebleu,
+    # ROUGE as the mean sentence F1, avg over the six with TER flipped (100 - TER).
+    import sacrebleu
+    sampled = results["eval"]["sampled"]
+    references = [gs.references_of(ex) for ex in gs.load_manifest(small_data["test"], "ast")[:4]]
+    streams = [[r[k] if k < len(r) else None for r in references] for k in range(max(map(len, references)))]
+    assert sampled["bleu"] == pytest.approx(sacrebleu.corpus_bleu(sampled["predictions"], streams).score)
+    assert sampled["ter"] == pytest.approx(sacrebleu.corpus_ter(sampled["predictions"], streams).score)
+    rouge2 = [max(gs.rouge_f1(p, ref, 2) for ref in r) for p, r in zip(sampled["predictions"], references)]
+    assert sampled["rouge2"] == pytest.approx(100 * sum(rouge2) / 4)
+    six = [sampled[k] for k in ("bleu", "chrf", "rouge1", "rouge2", "rouge_l")] + [100 - sampled["ter"]]
+    assert sampled["avg"] == pytest.approx(sum(six) / 6)
     assert run_cli(small_data, tmp_path / "silence", "--steps", "0", "--eval_limit", "4",
                    "--eval_audio", "silence") == 0
     silent = json.loads((tmp_path / "silence" / "results.json").read_text())["eval"]["greedy"]
