@@ -117,6 +117,9 @@ class Config:
         "accumulate over the step, normalised exactly as in one pass; 0 = all at once")
     gradient_checkpointing: bool = option(False, "recompute the LLM's activations in the "
                                           "backward pass: less memory, more time")
+    lora_rank: int = option(0, "0: train the whole LLM (the paper); r > 0: train a new LoRA of rank r "
+        "on the LLM's linear layers instead, the KL reference being the LoRA switched off (no "
+        "model copy: fits the 8B on one 80 GB GPU)")
     train_projector: bool = option(False,
         "SFT only: also train the projector (the speech encoder is always frozen)")
     # --- evaluation (paper: sampling with top-p 0.9, temperature 0.9) ---
@@ -178,7 +181,7 @@ def check_config(cfg: Config) -> Config:
                  "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("steps", "sft_batch_size", "eval_limit", "micro_batch_size", "save_every", "log_every", "examples",
+    for name in ("steps", "sft_batch_size", "eval_limit", "micro_batch_size", "lora_rank", "save_every", "log_every", "examples",
                  "eval_every", "dev_limit",
                  "threads", "lr", "weight_decay", "beta", "max_grad_norm", "policy_shaping"):
         if getattr(cfg, name) < 0:
@@ -401,7 +404,8 @@ def load_model(cfg: Config, device):
     the projector too unless --train_projector (SFT): the conformer's BatchNorm and dropout would
     otherwise give the rollout and the update different audio embeddings for the same clip, and
     an encoder trained through the LLM forgets how to hear (the paper trains the LLM side; the
-    released models put LoRA on the LLM only).
+    released models put LoRA on the LLM only). The LLM trains whole, or with --lora_rank r
+    only a new LoRA on its linear layers does.
     """
     from transformers import GraniteSpeechForConditionalGeneration, GraniteSpeechProcessor
     # float32 by default, also on a GPU (with TF32 matmuls): AdamW updates of 1e-6 vanish in
@@ -422,6 +426,11 @@ def load_model(cfg: Config, device):
     if model.config.has_lora_adapter:
         merge_audio_adapter(model, cfg.model)
     model.eval()
+    # What trains: the whole LLM, or only a new LoRA on it; never the speech encoder.
+    model.model.language_model.requires_grad_(not cfg.lora_rank)
+    model.lm_head.requires_grad_(not cfg.lora_rank)
+    if cfg.lora_rank:
+        add_lora(model.model.language_model, cfg.lora_rank)
     model.model.encoder.requires_grad_(False)
     model.model.projector.requires_grad_(cfg.train_projector)
     if cfg.gradient_checkpointing:
@@ -459,6 +468,61 @@ def merge_audio_adapter(model, checkpoint: str) -> None:
         with torch.no_grad():
             llm[target] += (scale * B.double() @ A.double()).to(llm[target])
     model.config.has_lora_adapter = False
+
+
+class LoRALinear(torch.nn.Module):
+    """y = W x + (alpha / r) B A x with W frozen, A (r, in) random and B (out, r) zero, so that
+    training starts exactly at the base model (Hu et al. 2021; peft's initialisation). With
+    enabled = False it is the base layer again: GRPO's reference model, without a copy."""
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.scale, self.enabled = base.requires_grad_(False), alpha / rank, True
+        like = dict(dtype=base.weight.dtype, device=base.weight.device)
+        self.lora_A = torch.nn.Parameter(torch.empty(rank, base.in_features, **like))
+        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank, **like))
+        torch.nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y + self.scale * (x @ self.lora_A.T) @ self.lora_B.T if self.enabled else y
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.base.weight + self.scale * self.lora_B @ self.lora_A
+
+
+def add_lora(llm: torch.nn.Module, rank: int) -> None:
+    """Every linear layer of the LLM's decoder layers (attention and MLP) gets a LoRA; alpha = 2 r."""
+    for module in list(llm.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(module, name, LoRALinear(child, rank, alpha=2 * rank))
+
+
+@contextmanager
+def lora_off(model):
+    """The base model inside the block: pi_ref of a LoRA run (a no-op for a model without one)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
+
+
+def plain_state_dict(model) -> dict:
+    """The weights under their usual names, each LoRA merged (W + s B A): checkpoints stay plain
+    Granite Speech checkpoints that any code loads."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            for key in ("lora_A", "lora_B", "base.weight"):
+                del state[f"{name}.{key}"]
+            state[f"{name}.weight"] = module.merged_weight().detach()
+            if module.base.bias is not None:
+                state[f"{name}.bias"] = state.pop(f"{name}.base.bias")
+    return state
 
 
 def set_train_mode(model, train_projector: bool) -> None:
@@ -1000,7 +1064,7 @@ def grpo_step(cfg, policy, reference, processor, optimizer, batch: Batch, timer:
     # 3. Reference log-probs, only when the KL term is on.
     ref_logp = None
     if cfg.beta > 0:
-        with timer("reference"), torch.no_grad():
+        with timer("reference"), torch.no_grad(), lora_off(reference):
             ref_logp = torch.cat([log_probs(reference, rows) for rows in parts])
     # 4. Policy update(s). With num_iterations == 1 the old policy is the current one.
     set_train_mode(policy, cfg.train_projector)
@@ -1069,7 +1133,7 @@ def save_model(model, processor, directory: Path, save_dtype: str = "auto") -> N
     directory.mkdir(parents=True, exist_ok=True)
     if save_dtype in ("float32", "bfloat16"):
         model = copy.deepcopy(model).to(getattr(torch, save_dtype))
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(directory, state_dict=plain_state_dict(model), safe_serialization=True)
     processor.save_pretrained(directory)
     umask = os.umask(0)
     os.umask(umask)
@@ -1092,6 +1156,10 @@ def save_checkpoint(output_dir: Path, step: int, policy, processor, optimizer, s
     if tmp.exists():
         shutil.rmtree(tmp)
     save_model(policy, processor, tmp)
+    if cfg.lora_rank:           # to resume: the LoRA itself, not only the merged model
+        from safetensors.torch import save_file
+        save_file({n: p.detach().contiguous() for n, p in policy.named_parameters() if p.requires_grad},
+                  tmp / "trainable.safetensors")
     state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "rng": rng}
     torch.save(state, tmp / "trainer_state.pt")
@@ -1212,6 +1280,15 @@ def evaluate_modes(model, processor, examples: list[dict], cfg: Config) -> dict:
             for mode in ("sampled", "greedy")}
 
 
+def load_trainable(checkpoint: Path) -> dict:
+    """A LoRA run's trainable weights (trainable.safetensors), to put back on the base model."""
+    from safetensors.torch import load_file
+    try:
+        return load_file(checkpoint / "trainable.safetensors")
+    except Exception as error:
+        raise damaged(checkpoint, "trainable.safetensors", error) from None
+
+
 def restore(checkpoint: Path, optimizer, scheduler, output_dir: Path) -> tuple[int, float]:
     """Optimizer, scheduler and RNG states of a checkpoint; the metrics of later steps are
     dropped (and a line cut short by a crash). Returns (step, training seconds so far)."""
@@ -1240,10 +1317,11 @@ def memory_report(policy, reference) -> str:
     weights (+ the frozen reference copy), float32 gradients and AdamW's two moments."""
     count = sum(p.numel() for p in policy.parameters())
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    weights = sum(p.numel() * p.element_size() for p in policy.parameters()) * (2 if reference else 1)
+    copies = 2 if reference is not None and reference is not policy else 1
+    weights = sum(p.numel() * p.element_size() for p in policy.parameters()) * copies
     gigabytes = (weights + trainable * 4 * 3) / 1e9
     return (f"model: {count / 1e6:.1f}M parameters, {trainable / 1e6:.1f}M trainable; weights"
-            f"{' + reference' if reference else ''} + gradients + AdamW = {gigabytes:.2f} GB before activations")
+            f"{' + reference' if copies == 2 else ''} + gradients + AdamW = {gigabytes:.2f} GB before activations")
 
 
 def keep_best(policy, processor, step: int, dev_bleu: float, output_dir: Path) -> None:
@@ -1279,9 +1357,14 @@ def train(cfg: Config) -> dict:
     if cfg.steps == 0:
         return evaluate_only(cfg, policy, processor, test_examples, output_dir)
     reference = None
-    if cfg.algo != "sft" and cfg.beta > 0:
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)      # pi_ref: frozen
-    if checkpoint:                      # the policy continues; pi_ref stays the base model
+    if cfg.algo != "sft" and cfg.beta > 0:       # pi_ref: frozen; with LoRA, the LoRA switched off
+        reference = policy if cfg.lora_rank else copy.deepcopy(policy).eval().requires_grad_(False)
+    if checkpoint and cfg.lora_rank:    # the base model + the checkpoint's LoRA (and projector)
+        unexpected = policy.load_state_dict(load_trainable(checkpoint), strict=False).unexpected_keys
+        if unexpected:
+            raise UsageError(f"--resume {checkpoint}: trainable.safetensors does not fit this "
+                             f"model ({unexpected[0]}, ...)")
+    elif checkpoint:                    # the policy continues; pi_ref stays the base model
         _, policy = load_model(dataclasses.replace(cfg, model=str(checkpoint)), device)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     print(memory_report(policy, reference))
@@ -1364,7 +1447,7 @@ def train(cfg: Config) -> dict:
         print_eval(f"after {cfg.algo}", results["after"], test_examples, cfg.examples)
         if (output_dir / "best" / "best.json").is_file():     # --eval_every: the dev-best model too
             results["best"] = json.loads((output_dir / "best" / "best.json").read_text())
-            _, best = load_model(dataclasses.replace(cfg, model=str(output_dir / "best")), device)
+            _, best = load_model(dataclasses.replace(cfg, model=str(output_dir / "best"), lora_rank=0), device)
             results["best"].update(evaluate_modes(best, processor, test_examples, cfg))
             print_eval(f"best on dev, step {results['best']['step']}", results["best"], test_examples, cfg.examples)
     results["timing"] = timing_summary(timer, steps_run, train_seconds)

@@ -1014,6 +1014,51 @@ def test_real_shape_trains_saves_reloads_and_resumes(real_shape, small_data, tmp
     assert read_metrics(out)[1]["loss"] == pytest.approx(metrics[1]["loss"], rel=1e-4, abs=1e-6)
 
 
+def test_lora_layer_by_hand():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(3, 2)
+    layer = gs.LoRALinear(base, rank=2, alpha=4)                  # scale alpha / r = 2
+    x = torch.randn(5, 3)
+    assert torch.equal(layer(x), base(x))                         # B = 0: starts at the base model
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    assert torch.allclose(layer(x), base(x) + 2 * x @ layer.lora_A.T @ layer.lora_B.T)
+    assert torch.allclose(x @ layer.merged_weight().T + base.bias, layer(x), atol=1e-6)
+    with gs.lora_off(layer):
+        assert torch.equal(layer(x), base(x))
+    assert layer.enabled
+    layer(x).sum().backward()
+    assert base.weight.grad is None and layer.lora_A.grad is not None and layer.lora_B.grad is not None
+
+
+@pytest.mark.slow
+def test_real_shape_lora_trains_only_the_lora_saves_plain_and_resumes(real_shape, small_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(small_data, out, "--model", str(real_shape), "--steps", "2", "--save_every", "1",
+                   "--eval_limit", "3", "--skip_base_eval", "--lr", "1e-2", "--algo", "mp_grpo",
+                   "--lora_rank", "4") == 0
+    assert "+ reference" not in capsys.readouterr().out          # no second model in memory
+    metrics = read_metrics(out)
+    # pi_ref is the LoRA switched off: equal to the policy at step 1, not after the update.
+    assert metrics[0]["kl"] == 0.0 and metrics[1]["kl"] > 0
+    before = gs.load_model(gs.Config(model=str(real_shape)), torch.device("cpu"))[1].state_dict()
+    after = gs.load_model(gs.Config(model=str(out / "final")), torch.device("cpu"))[1].state_dict()
+    assert set(after) == set(before)                              # a plain checkpoint: no lora_ keys
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith("model.language_model.layers.") and k.endswith("proj.weight")
+                           for k in changed)                      # encoder, projector, norms, embeddings kept
+    after_answers = [json.loads(line)["after_greedy"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert gs.main(["--steps", "0", "--model", str(out / "final"), "--test", small_data["test"],
+                    "--eval_limit", "3", "--max_completion_length", "24",
+                    "--output_dir", str(tmp_path / "reload")]) == 0
+    reloaded = json.loads((tmp_path / "reload" / "results.json").read_text())["eval"]["greedy"]["predictions"]
+    assert reloaded == after_answers
+    shutil.rmtree(out / "final")        # resume: the base model + the checkpoint's LoRA
+    assert gs.main(["--resume", str(out / "checkpoint-000001"), "--overwrite_output_dir"]) == 0
+    assert read_metrics(out)[1]["loss"] == pytest.approx(metrics[1]["loss"], rel=1e-4, abs=1e-6)
+    assert read_metrics(out)[1]["kl"] == pytest.approx(metrics[1]["kl"], rel=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # torchrun: 2 CPU processes (gloo) x P prompts must train exactly like 1 process x 2P prompts
 # ---------------------------------------------------------------------------------------------
