@@ -10,6 +10,13 @@ Measures, in one run so that ratios are comparable on a noisy machine:
   2. a full GRPO step against the sum of its model work (rollout, policy forward and backward,
      reference forward, optimizer), and what the rest (data, reward, bookkeeping) costs;
   3. tokens per second and peak memory.
+
+    python bench.py --memory               # no model runs: the real checkpoints' memory
+
+prints what the 2B and 8B checkpoints need per GPU (the table in the README): parameters from
+the real architectures built on the meta device (no weights, no download), weights, reference
+copy, gradients and AdamW state as grpo_speech.memory_report counts them, and the activations
+the log-prob pass keeps for backward, measured by a saved-tensors hook on the meta device.
 """
 import argparse
 import copy
@@ -32,7 +39,98 @@ parser.add_argument("--repeats", type=int, default=5, help="timed repetitions of
 parser.add_argument("--device", default="auto")
 parser.add_argument("--dtype", default="float32")
 parser.add_argument("--threads", type=int, default=0)
+parser.add_argument("--memory", action="store_true", help="print the real checkpoints' memory table and stop")
 args = parser.parse_args()
+
+# ------------------------------------------------- 0. memory of the real checkpoints (--memory)
+# config.json of ibm-granite/granite-speech-3.3-2b and -8b (written here: no hub access needed):
+# the Granite 3.3 2B / 8B instruct LLMs, a 16-layer conformer (440M) and a 2-layer Q-Former.
+REAL = {"2b": dict(hidden_size=2048, intermediate_size=8192), "8b": dict(hidden_size=4096, intermediate_size=12800)}
+LLM = dict(num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8, vocab_size=49160,
+           tie_word_embeddings=True)
+ENCODER = dict(num_layers=16, hidden_dim=1024, num_heads=8, dim_head=128, feedforward_mult=4,
+               context_size=200, max_pos_emb=512, output_dim=348)
+PROJECTOR = dict(hidden_size=1024, encoder_hidden_size=1024, intermediate_size=4096,
+                 num_attention_heads=16, num_hidden_layers=2)
+PROMPT, COMPLETION = 256, 200       # the paper's maximum prompt and completion lengths (tokens)
+# The README's commands per GPU: 2 prompts x G = 8 sampled at once, log-probs 4 sequences a pass.
+ROLLOUT_SEQUENCES, MICRO_BATCH = 2 * 8, 4
+
+
+def real_model(size: str, layers: int = 40, lora_rank: int = 0):
+    import transformers.masking_utils
+    from transformers import GraniteSpeechConfig, GraniteSpeechForConditionalGeneration
+    # The mask helper asks whether the mask is all ones (.item()), which meta tensors cannot say.
+    transformers.masking_utils.fast_all = lambda mask: True
+    config = GraniteSpeechConfig.from_pretrained(gs.DATA_DIR / "granite-speech-tiny")
+    for part, values in ((config.text_config, {**LLM, **REAL[size], "num_hidden_layers": layers}),
+                         (config.encoder_config, ENCODER), (config.projector_config, PROJECTOR)):
+        for key, value in values.items():
+            setattr(part, key, value)
+    with torch.device("meta"):
+        model = GraniteSpeechForConditionalGeneration(config).float()
+        model.model.encoder.requires_grad_(False)
+        model.model.projector.requires_grad_(False)
+        if lora_rank:
+            model.requires_grad_(False)
+            gs.add_lora(model.model.language_model, lora_rank)
+    return model
+
+
+def saved_bytes(model, checkpointing: bool) -> int:
+    """Bytes the policy's log-prob pass keeps for backward, for one sequence of PROMPT +
+    COMPLETION tokens (the weights themselves not counted)."""
+    if checkpointing:
+        model.model.language_model.activation_checkpointing_enable()
+        model.train()
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage()._cdata not in weights:
+            saved[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
+        return tensor
+    prompt = torch.zeros(1, PROMPT, dtype=torch.long, device="meta")
+    completion = torch.zeros(1, COMPLETION, dtype=torch.long, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logits = gs.completion_logits(model, prompt, torch.ones_like(prompt), None, None, completion)
+        gs.sequence_log_probs(logits, completion)
+    return sum(saved.values())
+
+
+def memory_table():
+    print(f"per GPU, float32, sequences of {PROMPT} + {COMPLETION} tokens; GB = 1e9 bytes; total = "
+          f"weights + reference + grads + AdamW + {MICRO_BATCH} sequences' activations with "
+          f"checkpointing + the KV cache of {ROLLOUT_SEQUENCES} sampled sequences")
+    print(f"{'model':<5} {'trains':<12} {'params':>7} {'trainable':>9} {'weights':>8} {'reference':>9} "
+          f"{'grads+AdamW':>11} {'act/seq':>8} {'act/seq ckpt':>12} {'KV cache':>8} {'total':>6}")
+    for size in REAL:
+        for lora_rank in (0, 64):
+            model = real_model(size, lora_rank=lora_rank)
+            count = sum(p.numel() for p in model.parameters())
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            # One layer's activations from the difference of a 2- and a 1-layer model; with
+            # checkpointing every layer keeps its input and one layer is recomputed at a time.
+            per_seq, per_seq_ckpt = [], []
+            for layers in (1, 2):
+                per_seq.append(saved_bytes(real_model(size, layers, lora_rank), False))
+                per_seq_ckpt.append(saved_bytes(real_model(size, layers, lora_rank), True))
+            layer = per_seq[1] - per_seq[0]
+            act = per_seq[0] + 39 * layer
+            act_ckpt = per_seq_ckpt[0] + 39 * (per_seq_ckpt[1] - per_seq_ckpt[0]) + layer
+            text = model.config.text_config              # keys and values, every layer, float32
+            kv_cache = (2 * text.num_hidden_layers * text.num_key_value_heads * 4 * (PROMPT + COMPLETION)
+                        * ROLLOUT_SEQUENCES * text.hidden_size // text.num_attention_heads)
+            total = 4 * count * (1 if lora_rank else 2) + 12 * trainable + MICRO_BATCH * act_ckpt + kv_cache
+            print(f"{size:<5} {f'LoRA r={lora_rank}' if lora_rank else 'whole LLM':<12} {count / 1e9:>6.2f}B "
+                  f"{trainable / 1e9:>8.3f}B {4 * count / 1e9:>8.1f} {0 if lora_rank else 4 * count / 1e9:>9.1f} "
+                  f"{12 * trainable / 1e9:>11.1f} {act / 1e9:>8.2f} {act_ckpt / 1e9:>12.2f} {kv_cache / 1e9:>8.1f} "
+                  f"{total / 1e9:>6.1f}")
+
+
+if args.memory:
+    memory_table()
+    raise SystemExit
 
 cfg = gs.check_config(gs.Config(task=args.task, model=args.model, batch_size=args.batch_size,
                                 group_size=args.group_size, device=args.device, dtype=args.dtype,

@@ -18,14 +18,16 @@ The file reads top to bottom in the order data flows:
     0. Config         every option, with the paper's names and defaults
     1. Data           JSONL manifests, audio loading, prompts
     2. Model          Granite Speech from transformers (a real checkpoint's LoRA adapter
-                      merged at load); audio encoded once per prompt
+                      merged at load), an optional new LoRA to train (--lora_rank); audio
+                      encoded once per prompt
     3. Sampling       a group of G completions per prompt (the rollout)
-    4. Reward         sentence BLEU (and chrF, TER, ROUGE-L) in [0, 1]
+    4. Reward         sentence BLEU (and chrF, TER, ROUGE-1/2/L) in [0, 1]
     5. Advantages     A_i = (r_i - mean(r)) / (std(r) + eps) within each group
     6. Loss           token log-probs, the clipped GRPO objective with a k3 KL penalty, and
                       the weight of a micro-batch (or a torchrun process) in the batch's loss
     7. MP-GRPO        inject the ground-truth answer into each group, off-policy
-    8. Evaluation     corpus BLEU and chrF (sacrebleu) and WER, sampled and greedy
+    8. Evaluation     corpus BLEU, chrF, TER (sacrebleu), ROUGE, their average and WER,
+                      sampled and greedy
     9. Training loop  torchrun helpers, GRPO / MP-GRPO / SFT steps, checkpoints and resume,
                       dev evaluation (--eval_every), metrics, timing
    10. CLI            argument parsing and the summary table
@@ -863,7 +865,7 @@ def answer_ids(tokenizer, texts: list[str], eos_token_id: int) -> list[torch.Ten
 
 
 # =============================================================================================
-# 8. Evaluation: corpus BLEU, chrF and WER on the test manifest
+# 8. Evaluation: corpus BLEU, chrF, TER, ROUGE and WER on the test manifest
 # =============================================================================================
 def edit_distance(hypothesis: list | str, reference: list | str) -> int:
     """Levenshtein distance: the fewest insertions, deletions and substitutions (one row of
