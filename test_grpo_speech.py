@@ -923,15 +923,15 @@ def test_eval_every_keeps_the_dev_best_model_and_reports_both(small_data, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["grpo", "sft"])
-def test_micro_batch_size_changes_memory_not_the_update(algo, small_data, tmp_path):
+@pytest.mark.parametrize("algo, lora", [("grpo", ()), ("sft", ()), ("grpo", ("--lora_rank", "4"))])
+def test_micro_batch_size_changes_memory_not_the_update(algo, lora, small_data, tmp_path):
     # One step: the same loss and gradient norm (a second step would sample from weights that
     # differ in the last float bits, hence other completions).
     logged = {}
     for name, extra in (("one", ()), ("micro", ("--micro_batch_size", "3")),
                         ("checkpointed", ("--micro_batch_size", "3", "--gradient_checkpointing"))):
         assert run_cli(small_data, tmp_path / name, "--algo", algo, "--steps", "1",
-                       "--skip_base_eval", "--eval_limit", "1", *extra) == 0
+                       "--skip_base_eval", "--eval_limit", "1", *lora, *extra) == 0
         logged[name] = read_metrics(tmp_path / name)[0]
     assert logged["one"]["grad_norm"] > 0
     for name in ("micro", "checkpointed"):
