@@ -183,9 +183,8 @@ def check_config(cfg: Config) -> Config:
                  "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("steps", "sft_batch_size", "eval_limit", "micro_batch_size", "lora_rank", "save_every", "log_every", "examples",
-                 "eval_every", "dev_limit",
-                 "threads", "lr", "weight_decay", "beta", "max_grad_norm", "policy_shaping"):
+    for name in ("steps", "sft_batch_size", "eval_limit", "micro_batch_size", "lora_rank",
+                 "save_every", "log_every", "examples", "eval_every", "dev_limit", "threads", "lr", "weight_decay", "beta", "max_grad_norm", "policy_shaping"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
     # Below temperature 0.1 a group's answers are all the same: no advantage, no training.
@@ -682,14 +681,15 @@ def rouge_f1(hypothesis: str, reference: str, n: int | None) -> float:
                                                      else max(row[j], row[j - 1]))
         matches = row[-1]
     else:
-        h, r = [tuple(h[i:i + n]) for i in range(len(h) - n + 1)], [tuple(r[i:i + n]) for i in range(len(r) - n + 1)]
+        h, r = ([tuple(words[i:i + n]) for i in range(len(words) - n + 1)] for words in (h, r))
         matches = sum((collections.Counter(h) & collections.Counter(r)).values())
     return 0.0 if matches == 0 else 2 * matches / (len(h) + len(r))
 
 
 def rouge_rewards(completions: list[str], references: list[list[str]], n: int | None) -> torch.Tensor:
     """r_i = max over references of rouge_f1(completion_i, reference, n)."""
-    return torch.tensor([max(rouge_f1(c, ref, n) for ref in refs) for c, refs in zip(completions, references)])
+    return torch.tensor([max(rouge_f1(c, ref, n) for ref in refs)
+                         for c, refs in zip(completions, references)])
 
 
 REWARDS = {"bleu": bleu_rewards, "chrf": chrf_rewards, "ter": ter_rewards,
