@@ -1362,10 +1362,13 @@ def train(cfg: Config) -> dict:
     if cfg.algo != "sft" and cfg.beta > 0:       # pi_ref: frozen; with LoRA, the LoRA switched off
         reference = policy if cfg.lora_rank else copy.deepcopy(policy).eval().requires_grad_(False)
     if checkpoint and cfg.lora_rank:    # the base model + the checkpoint's LoRA (and projector)
-        unexpected = policy.load_state_dict(load_trainable(checkpoint), strict=False).unexpected_keys
+        try:
+            unexpected = policy.load_state_dict(load_trainable(checkpoint), strict=False).unexpected_keys
+        except RuntimeError as error:                      # e.g. another --lora_rank
+            unexpected = [str(error).splitlines()[-1].strip()]
         if unexpected:
             raise UsageError(f"--resume {checkpoint}: trainable.safetensors does not fit this "
-                             f"model ({unexpected[0]}, ...)")
+                             f"model ({unexpected[0]}; another --lora_rank?)")
     elif checkpoint:                    # the policy continues; pi_ref stays the base model
         _, policy = load_model(dataclasses.replace(cfg, model=str(checkpoint)), device)
     trainable = [p for p in policy.parameters() if p.requires_grad]

@@ -1053,6 +1053,8 @@ def test_real_shape_lora_trains_only_the_lora_saves_plain_and_resumes(real_shape
                     "--output_dir", str(tmp_path / "reload")]) == 0
     reloaded = json.loads((tmp_path / "reload" / "results.json").read_text())["eval"]["greedy"]["predictions"]
     assert reloaded == after_answers
+    assert gs.main(["--resume", str(out / "checkpoint-000001"), "--lora_rank", "8"]) == 2
+    assert "trainable.safetensors does not fit" in capsys.readouterr().err
     shutil.rmtree(out / "final")        # resume: the base model + the checkpoint's LoRA
     assert gs.main(["--resume", str(out / "checkpoint-000001"), "--overwrite_output_dir"]) == 0
     assert read_metrics(out)[1]["loss"] == pytest.approx(metrics[1]["loss"], rel=1e-4, abs=1e-6)
