@@ -16,7 +16,8 @@ Measures, in one run so that ratios are comparable on a noisy machine:
 prints what the 2B and 8B checkpoints need per GPU (the table in the README): parameters from
 the real architectures built on the meta device (no weights, no download), weights, reference
 copy, gradients and AdamW state as grpo_speech.memory_report counts them, and the activations
-the log-prob pass keeps for backward, measured by a saved-tensors hook on the meta device.
+the log-prob pass keeps for backward, measured by a saved-tensors hook on the meta device
+(and, for one 2B layer, on real CPU tensors: fused attention keeps less than the meta count).
 """
 import argparse
 import copy
@@ -90,8 +91,9 @@ def saved_bytes(model, checkpointing: bool) -> int:
         if tensor.untyped_storage()._cdata not in weights:
             saved[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
         return tensor
-    prompt = torch.zeros(1, PROMPT, dtype=torch.long, device="meta")
-    completion = torch.zeros(1, COMPLETION, dtype=torch.long, device="meta")
+    device = next(model.parameters()).device
+    prompt = torch.zeros(1, PROMPT, dtype=torch.long, device=device)
+    completion = torch.zeros(1, COMPLETION, dtype=torch.long, device=device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         logits = gs.completion_logits(model, prompt, torch.ones_like(prompt), None, None, completion)
         gs.sequence_log_probs(logits, completion)
@@ -128,8 +130,27 @@ def memory_table():
                   f"{total / 1e9:>6.1f}")
 
 
+def cpu_check():
+    """The meta count against the same count on real CPU tensors (real attention kernels), for
+    one 2B layer: the difference of a 2- and a 1-layer model."""
+    per_layer = {}
+    for device in ("meta", "cpu"):
+        counts = []
+        for layers in (1, 2):
+            model = real_model("2b", layers)
+            if device == "cpu":
+                model = model.to_empty(device="cpu")
+                for parameter in model.parameters():
+                    torch.nn.init.normal_(parameter, std=0.02)
+            counts.append(saved_bytes(model, False))
+        per_layer[device] = counts[1] - counts[0]
+    print(f"one 2B layer, one sequence: {per_layer['meta'] / 1e6:.0f} MB counted on the meta device, "
+          f"{per_layer['cpu'] / 1e6:.0f} MB on CPU tensors")
+
+
 if args.memory:
     memory_table()
+    cpu_check()
     raise SystemExit
 
 cfg = gs.check_config(gs.Config(task=args.task, model=args.model, batch_size=args.batch_size,
