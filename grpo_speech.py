@@ -520,7 +520,8 @@ def plain_state_dict(model) -> dict:
         if isinstance(module, LoRALinear):
             for key in ("lora_A", "lora_B", "base.weight"):
                 del state[f"{name}.{key}"]
-            state[f"{name}.weight"] = module.merged_weight().detach()
+            # on the CPU, one layer at a time: a GPU never holds a second copy of the LLM
+            state[f"{name}.weight"] = module.merged_weight().detach().cpu()
             if module.base.bias is not None:
                 state[f"{name}.bias"] = state.pop(f"{name}.base.bias")
     return state
