@@ -184,7 +184,8 @@ def check_config(cfg: Config) -> Config:
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     for name in ("steps", "sft_batch_size", "eval_limit", "micro_batch_size", "lora_rank",
-                 "save_every", "log_every", "examples", "eval_every", "dev_limit", "threads", "lr", "weight_decay", "beta", "max_grad_norm", "policy_shaping"):
+                 "save_every", "log_every", "examples", "eval_every", "dev_limit", "threads", "lr",
+                 "weight_decay", "beta", "max_grad_norm", "policy_shaping"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
     # Below temperature 0.1 a group's answers are all the same: no advantage, no training.
@@ -655,7 +656,8 @@ def bleu_rewards(completions: list[str], references: list[list[str]]) -> torch.T
 def chrf_rewards(completions: list[str], references: list[list[str]]) -> torch.Tensor:
     """r_i = chrF(completion_i, references_i) / 100 (sacrebleu; character n-gram F-score)."""
     from sacrebleu.metrics import CHRF
-    return torch.tensor([CHRF().sentence_score(c, refs).score / 100.0 if c.strip() else 0.0
+    chrf = CHRF()                                   # one scorer for the whole batch
+    return torch.tensor([chrf.sentence_score(c, refs).score / 100.0 if c.strip() else 0.0
                          for c, refs in zip(completions, references)])
 
 
@@ -663,7 +665,8 @@ def ter_rewards(completions: list[str], references: list[list[str]]) -> torch.Te
     """r_i = max(0, 1 - TER_i / 100): TER counts edits per reference word (lower is better,
     can exceed 100), so it is flipped and floored to make a reward in [0, 1]."""
     from sacrebleu.metrics import TER
-    return torch.tensor([max(0.0, 1.0 - TER().sentence_score(c, refs).score / 100.0)
+    ter = TER()
+    return torch.tensor([max(0.0, 1.0 - ter.sentence_score(c, refs).score / 100.0)
                          if c.strip() else 0.0 for c, refs in zip(completions, references)])
 
 
@@ -908,9 +911,8 @@ def evaluate(model, processor, examples: list[dict], cfg: Config, greedy: bool, 
     """Answer every test clip once (sampled with top-p/temperature as in the paper, or greedy)
     and score the corpus: sacrebleu's BLEU, chrF and TER, ROUGE-1/2/L (mean sentence F1 x 100),
     their average ("avg", with 100 - TER so that higher is better, as in the paper's reward
-    ablation) and WER. The RNG is forked: evaluating does
-    not change the training run's random stream. Each clip is encoded alone, so the scores do
-    not depend on --eval_batch_size."""
+    ablation) and WER. The RNG is forked: evaluating does not change the training run's random
+    stream. Each clip is encoded alone, so the scores do not depend on --eval_batch_size."""
     from sacrebleu.metrics import BLEU, CHRF, TER
     from tqdm import tqdm
     model.eval()
