@@ -105,7 +105,7 @@ class Config:
     policy_shaping: float = option(0.0,
         "MP-GRPO: LUFFY's shaping f(p) = p / (p + gamma) on off-policy tokens; 0 = off (paper)")
     # --- optimisation ---
-    steps: int = option(200, "optimizer steps; 0 = only evaluate --model on --test")
+    steps: int = option(400, "optimizer steps; 0 = only evaluate --model on --test")
     batch_size: int = option(4, "prompts per step (each sampled G times)")
     sft_batch_size: int = option(0,
         "SFT examples per step; 0 = batch_size * group_size, the sequences of one GRPO step")

@@ -495,6 +495,25 @@ def test_base_pretraining_material_is_fresh_and_uses_training_voices(make_data):
     assert not {r["voice"] for r in recipes} & (set(voices["test"]) | set(voices["dev"]))
 
 
+def test_ast_lines_keep_one_reference_and_the_base_learns_the_others(make_data):
+    """A manifest line scores against the first rendering only; stages 1-4 of the base build
+    learn every rendering, stage 5 (the base's house style) the others where there are any."""
+    sys.path.insert(0, str(DATA))
+    builder = importlib.import_module("make_tiny_model")
+    row = make_data.ast_row("I come.", ["Ich komme.", "Ich komme.", "Ich komme an.", "a", "b", "c"])
+    assert row == {"text": "I come.", "translation": ["Ich komme."],
+                   "other_translations": ["Ich komme an.", "a", "b"]}      # deduplicated, at most 4
+    ast = {"task": "ast", **row}
+    assert builder.all_renderings(ast) == ["Ich komme.", "Ich komme an.", "a", "b"]
+    assert builder.house_style(ast) == ["Ich komme an.", "a", "b"]
+    single = {"task": "ast", **make_data.ast_row("Go.", ["Geh."])}
+    assert builder.house_style(single) == builder.all_renderings(single) == ["Geh."]
+    asr = builder.as_task(ast, "asr")                    # the same clip transcribed: no German
+    assert builder.house_style(asr) == builder.all_renderings(asr) == ["I come."]
+    sqa = {"task": "sqa", "text": "Tom is here.", "question": "Who?", "answer": ["Tom.", "Tom is."]}
+    assert builder.house_style(sqa) == builder.all_renderings(sqa) == ["Tom.", "Tom is."]
+
+
 @pytest.mark.slow
 def test_regenerated_clips_are_byte_identical(toy, make_data, tmp_path):
     chosen = [toy[("ast", "test")][0], toy[("sqa", "train")][7], toy[("ast", "train")][123]]

@@ -691,6 +691,15 @@ def dedupe(references, limit=4):
     return seen[:limit]
 
 
+def ast_row(english, references):
+    """A manifest row: ONE reference, the first rendering (subject first, "du", ...), as CoVoST2
+    has one translation per clip; the other correct renderings are kept apart. They are what the
+    base model's last stage learns (make_tiny_model.py), so the base's preferred style is not
+    the task's and GRPO has a convention to learn, as a real base meets a new data set."""
+    references = dedupe(references)
+    return {"text": english, "translation": references[:1], "other_translations": references[1:]}
+
+
 # ---------------------------------------------------------------------------------------------
 # SQA: a passage of 1-3 facts, a question about one of them, full-sentence answers.
 # ---------------------------------------------------------------------------------------------
@@ -814,7 +823,7 @@ def build_texts(rng):
         while len(rows) < total:
             if task == "ast":
                 english, references = make_ast_example(rng)
-                key, row = english, {"text": english, "translation": dedupe(references)}
+                key, row = english, ast_row(english, references)
             else:
                 passage, question, answers = make_sqa_example(rng)
                 key, row = passage, {"text": passage, "question": question,

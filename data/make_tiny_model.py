@@ -75,7 +75,7 @@ def fresh_examples(rng, task, count, exclude):
     while len(rows) < count:
         if task == "ast":
             english, references = make_data.make_ast_example(rng)
-            row = {"task": "ast", "text": english, "translation": make_data.dedupe(references)}
+            row = {"task": "ast", **make_data.ast_row(english, references)}
         else:
             try:
                 passage, question, answers = make_data.make_sqa_example(rng)
@@ -270,10 +270,27 @@ def text_batch(examples, tokenizer):
     return tokenizer(texts, padding=True, return_tensors="pt")
 
 
-def sft_loss(model, processor, examples, rng, speech: bool):
-    """Mean cross-entropy of one reference answer per example."""
+def others(example):
+    """An AST line's correct renderings besides its reference (none for the other tasks, also
+    when an AST clip is reused for ASR)."""
+    return example.get("other_translations", []) if example["task"] == "ast" else []
+
+
+def all_renderings(example):
+    """Stages 1-4 learn every correct answer: the reference and the other renderings."""
+    return gs.references_of(example) + others(example)
+
+
+def house_style(example):
+    """Stage 5 learns the base's own style: for AST the renderings other than the first (the
+    one the task splits score against) where a sentence has them."""
+    return others(example) or gs.references_of(example)
+
+
+def sft_loss(model, processor, examples, rng, speech: bool, style=all_renderings):
+    """Mean cross-entropy of one reference answer per example, drawn from `style(example)`."""
     tokenizer, eos = processor.tokenizer, model.config.text_config.eos_token_id
-    targets = gs.answer_ids(tokenizer, [rng.choice(gs.references_of(ex)) for ex in examples], eos)
+    targets = gs.answer_ids(tokenizer, [rng.choice(style(ex)) for ex in examples], eos)
     target_ids = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=eos)
     mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(t)) for t in targets], batch_first=True)
     if speech:
@@ -302,7 +319,8 @@ def pick(rng, pools, weights, count):
                                                             k=count)]
 
 
-def sft_stage(model, processor, data, args, name, parts, steps, lr, speech_weights, text_weights):
+def sft_stage(model, processor, data, args, name, parts, steps, lr, speech_weights, text_weights,
+              style=all_renderings):
     """Train `parts` on batches of speech examples (task mix `speech_weights`) and text
     examples (`text_weights`); the two losses are averaged."""
     trainable = freeze_all_but(model, parts)
@@ -320,10 +338,10 @@ def sft_stage(model, processor, data, args, name, parts, steps, lr, speech_weigh
         losses = []
         if speech_weights:
             losses.append(sft_loss(model, processor, pick(rng, speech, speech_weights,
-                                                          args.batch_size), rng, speech=True))
+                                                          args.batch_size), rng, True, style))
         if text_weights:
             losses.append(sft_loss(model, processor, pick(rng, text, text_weights,
-                                                          args.batch_size), rng, speech=False))
+                                                          args.batch_size), rng, False, style))
         step_optimizer(sum(losses) / len(losses), trainable, optimizer, scheduler)
 
 
@@ -352,7 +370,7 @@ def stage_mix2(model, processor, data, args):
     # ended (dev greedy BLEU 6.0 after 300 steps, 13.9 after 600), and a separate stage keeps
     # the first one's checkpoint and health for comparison.
     sft_stage(model, processor, data, args, "mix2", ["projector", "llm"], args.mix2_steps,
-              args.mix2_lr, MIX_SPEECH, MIX_TEXT)
+              args.mix2_lr, MIX_SPEECH, MIX_TEXT, house_style)
 
 
 # ---------------------------------------------------------------------------------------------
