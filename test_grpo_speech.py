@@ -676,7 +676,7 @@ def test_an_output_dir_with_another_runs_files_is_refused(tmp_path, monkeypatch,
     (["--model", "no/such/dir"], "no such checkpoint directory"),
     (["--train", "missing.jsonl"], "--train missing.jsonl: manifest file not found"),
     (["--algo", "grpo", "--train_projector"], "--train_projector works with --algo sft only"),
-    (["--steps", "-1"], "--steps must be at least 0"),
+    (["--steps", "-2"], "--steps must be at least 0 (or -1, the task's default)"),
     (["--eval_audio", "noise"], "unknown --eval_audio 'noise'"),
     (["--eps", "1.5"], "--eps 1.5: need 0 < eps < 1"),
     (["--lr", "-1"], "--lr must be at least 0"),
@@ -705,6 +705,13 @@ def test_bad_options_are_rejected_before_any_model_loads(options, message, capsy
     assert gs.main(options) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: ") and message in error and error.count("\n") == 1
+
+
+def test_steps_default_to_the_tasks_own():
+    steps = {task: gs.check_config(gs.Config(task=task)).steps for task in ("ast", "sqa", "asr")}
+    assert steps == {"ast": 400, "sqa": 200, "asr": 200}
+    assert gs.check_config(gs.Config(task="ast", steps=7)).steps == 7
+    assert gs.check_config(gs.Config(task="sqa", steps=0)).steps == 0
 
 
 # ---------------------------------------------------------------------------------------------

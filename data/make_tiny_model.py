@@ -15,7 +15,9 @@ the way real speech LLMs are built, each stage starting from the previous one's 
                   already reads as English text (encoder and LLM frozen)
     4. mix        projector + LLM on a mix of ASR, AST and SQA speech and the text tasks,
                   stopped while the base is still clearly short of the ceiling
-    5. mix2       the same mix, a second cosine cycle at a lower peak learning rate
+    5. mix2       the same mix, a second cosine cycle at a lower peak learning rate, where AST
+                  learns the base's own style: the correct German renderings other than the
+                  one the task splits keep as their reference (see make_data.ast_row)
 
 Each stage writes <work>/<stage>/ (checkpoint + stage.json with its wall time and measured
 health: encoder CER, ASR WER, AST and SQA BLEU on the dev splits). A run skips the stages that
@@ -368,7 +370,9 @@ def stage_mix(model, processor, data, args):
 def stage_mix2(model, processor, data, args):
     # The same mix, a second cosine cycle at a lower peak: AST was still rising when the first
     # ended (dev greedy BLEU 6.0 after 300 steps, 13.9 after 600), and a separate stage keeps
-    # the first one's checkpoint and health for comparison.
+    # the first one's checkpoint and health for comparison. AST answers here are the renderings
+    # the task splits do not score against: a base that translates well but in another style
+    # than the data set's, the situation of a real base on CoVoST2 (data/README.md).
     sft_stage(model, processor, data, args, "mix2", ["projector", "llm"], args.mix2_steps,
               args.mix2_lr, MIX_SPEECH, MIX_TEXT, house_style)
 
