@@ -719,11 +719,12 @@ def test_steps_default_to_the_tasks_own():
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_data(toy, tmp_path_factory):
-    """8 training and 6 test clips of toy AST, as manifests with absolute audio paths."""
+    """8 training and 6 test clips of toy AST, as manifests with absolute audio paths; every
+    rendering is a reference, so the lines have 1-4 of them (a manifest may list several)."""
     folder = tmp_path_factory.mktemp("small")
     manifests = {}
     for split, count in (("train", 8), ("test", 6)):
-        lines = [{"audio": ex["audio_path"], "translation": ex["translation"]}
+        lines = [{"audio": ex["audio_path"], "translation": ex["translation"] + ex["other_translations"]}
                  for ex in toy[("ast", split)][:count]]
         manifests[split] = str(write_manifest(folder / f"{split}.jsonl", lines))
     return manifests
