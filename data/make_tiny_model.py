@@ -339,11 +339,11 @@ def sft_stage(model, processor, data, args, name, parts, steps, lr, speech_weigh
     for _ in tqdm(range(steps), desc=f"{STAGES.index(name) + 1}/{len(STAGES)} {name}", file=sys.stderr):
         losses = []
         if speech_weights:
-            losses.append(sft_loss(model, processor, pick(rng, speech, speech_weights,
-                                                          args.batch_size), rng, True, style))
+            examples = pick(rng, speech, speech_weights, args.batch_size)
+            losses.append(sft_loss(model, processor, examples, rng, speech=True, style=style))
         if text_weights:
-            losses.append(sft_loss(model, processor, pick(rng, text, text_weights,
-                                                          args.batch_size), rng, False, style))
+            examples = pick(rng, text, text_weights, args.batch_size)
+            losses.append(sft_loss(model, processor, examples, rng, speech=False, style=style))
         step_optimizer(sum(losses) / len(losses), trainable, optimizer, scheduler)
 
 
