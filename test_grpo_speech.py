@@ -495,8 +495,8 @@ def test_base_pretraining_material_is_fresh_and_uses_training_voices(make_data):
     assert not {r["voice"] for r in recipes} & (set(voices["test"]) | set(voices["dev"]))
 
 
-def test_ast_lines_keep_one_reference_and_the_base_learns_the_others(make_data):
-    """A manifest line scores against the first rendering only; stages 1-4 of the base build
+def test_lines_keep_one_reference_and_the_base_learns_the_others(make_data):
+    """A manifest line (AST or SQA) scores against the first rendering only; stages 1-4 of the base build
     learn every rendering, stage 5 (the base's house style) the others where there are any."""
     sys.path.insert(0, str(DATA))
     builder = importlib.import_module("make_tiny_model")
@@ -510,8 +510,11 @@ def test_ast_lines_keep_one_reference_and_the_base_learns_the_others(make_data):
     assert builder.house_style(single) == builder.all_renderings(single) == ["Geh."]
     asr = builder.as_task(ast, "asr")                    # the same clip transcribed: no German
     assert builder.house_style(asr) == builder.all_renderings(asr) == ["I come."]
-    sqa = {"task": "sqa", "text": "Tom is here.", "question": "Who?", "answer": ["Tom.", "Tom is."]}
-    assert builder.house_style(sqa) == builder.all_renderings(sqa) == ["Tom.", "Tom is."]
+    sqa = {"task": "sqa", **make_data.sqa_row("Tom is here.", "Who?", ["Tom is.", "Tom.", "Tom is."])}
+    assert sqa == {"task": "sqa", "text": "Tom is here.", "question": "Who?", "answer": ["Tom is."],
+                   "other_answers": ["Tom."]}
+    assert builder.all_renderings(sqa) == ["Tom is.", "Tom."] and builder.house_style(sqa) == ["Tom."]
+    assert list(builder.tokenizer_texts([ast])).count("Ich komme an.") == 1   # the tokenizer sees all
 
 
 @pytest.mark.slow

@@ -700,6 +700,14 @@ def ast_row(english, references):
     return {"text": english, "translation": references[:1], "other_translations": references[1:]}
 
 
+def sqa_row(passage, question, answers):
+    """The same for SQA: ONE reference answer, the first wording (a full sentence naming its
+    subject, as LibriSQA's answers are); the other correct wordings ("It is grey.", a shorter
+    or longer sentence) go to `other_answers`, the base's own style, which scoring never reads."""
+    answers = dedupe(answers)
+    return {"text": passage, "question": question, "answer": answers[:1], "other_answers": answers[1:]}
+
+
 # ---------------------------------------------------------------------------------------------
 # SQA: a passage of 1-3 facts, a question about one of them, full-sentence answers.
 # ---------------------------------------------------------------------------------------------
@@ -826,8 +834,7 @@ def build_texts(rng):
                 key, row = english, ast_row(english, references)
             else:
                 passage, question, answers = make_sqa_example(rng)
-                key, row = passage, {"text": passage, "question": question,
-                                     "answer": dedupe(answers)}
+                key, row = passage, sqa_row(passage, question, answers)
             if key not in seen:
                 seen.add(key)
                 rows.append(row)

@@ -16,8 +16,9 @@ the way real speech LLMs are built, each stage starting from the previous one's 
     4. mix        projector + LLM on a mix of ASR, AST and SQA speech and the text tasks,
                   stopped while the base is still clearly short of the ceiling
     5. mix2       the same mix, a second cosine cycle at a lower peak learning rate, where AST
-                  learns the base's own style: the correct German renderings other than the
-                  one the task splits keep as their reference (see make_data.ast_row)
+                  and SQA learn the base's own style: the correct German renderings and answer
+                  wordings other than the one the task splits keep as their reference (see
+                  make_data.ast_row and sqa_row)
 
 Each stage writes <work>/<stage>/ (checkpoint + stage.json with its wall time and measured
 health: encoder CER, ASR WER, AST and SQA BLEU on the dev splits). A run skips the stages that
@@ -83,8 +84,7 @@ def fresh_examples(rng, task, count, exclude):
                 passage, question, answers = make_data.make_sqa_example(rng)
             except IndexError:      # make_data's fact retries can exhaust a value list (rare)
                 continue
-            row = {"task": "sqa", "text": passage, "question": question,
-                   "answer": make_data.dedupe(answers)}
+            row = {"task": "sqa", **make_data.sqa_row(passage, question, answers)}
         if row["text"] not in exclude:
             exclude.add(row["text"])
             rows.append(row)
@@ -156,9 +156,9 @@ def build_tokenizer(vocab_size, texts):
 def tokenizer_texts(examples):
     for example in examples:
         yield example["text"]
-        yield from example.get("translation", [])
+        yield from example.get("translation", []) + example.get("other_translations", [])
         yield from ([example["question"]] if "question" in example else [])
-        yield from example.get("answer", [])
+        yield from example.get("answer", []) + example.get("other_answers", [])
     yield from (task["prompt"] for task in gs.TASKS.values())
     yield "user assistant system"
 
@@ -272,10 +272,13 @@ def text_batch(examples, tokenizer):
     return tokenizer(texts, padding=True, return_tensors="pt")
 
 
+OTHERS = {"ast": "other_translations", "sqa": "other_answers"}
+
+
 def others(example):
-    """An AST line's correct renderings besides its reference (none for the other tasks, also
-    when an AST clip is reused for ASR)."""
-    return example.get("other_translations", []) if example["task"] == "ast" else []
+    """A line's correct answers besides its reference (none for ASR, also when an AST clip is
+    reused for it)."""
+    return example.get(OTHERS[example["task"]], []) if example["task"] in OTHERS else []
 
 
 def all_renderings(example):
@@ -284,8 +287,8 @@ def all_renderings(example):
 
 
 def house_style(example):
-    """Stage 5 learns the base's own style: for AST the renderings other than the first (the
-    one the task splits score against) where a sentence has them."""
+    """Stage 5 learns the base's own style: the renderings (AST) or wordings (SQA) other than
+    the first (the one the task splits score against) where a line has them."""
     return others(example) or gs.references_of(example)
 
 
@@ -370,9 +373,10 @@ def stage_mix(model, processor, data, args):
 def stage_mix2(model, processor, data, args):
     # The same mix, a second cosine cycle at a lower peak: AST was still rising when the first
     # ended (dev greedy BLEU 6.0 after 300 steps, 13.9 after 600), and a separate stage keeps
-    # the first one's checkpoint and health for comparison. AST answers here are the renderings
-    # the task splits do not score against: a base that translates well but in another style
-    # than the data set's, the situation of a real base on CoVoST2 (data/README.md).
+    # the first one's checkpoint and health for comparison. AST and SQA answers here are the
+    # renderings and wordings the task splits do not score against: a base that translates and
+    # answers well but in another style than the data set's, the situation of a real base on
+    # CoVoST2 and LibriSQA (data/README.md).
     sft_stage(model, processor, data, args, "mix2", ["projector", "llm"], args.mix2_steps,
               args.mix2_lr, MIX_SPEECH, MIX_TEXT, house_style)
 
