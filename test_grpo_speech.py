@@ -496,8 +496,9 @@ def test_base_pretraining_material_is_fresh_and_uses_training_voices(make_data):
 
 
 def test_lines_keep_one_reference_and_the_base_learns_the_others(make_data):
-    """A manifest line (AST or SQA) scores against the first rendering only; stages 1-4 of the base build
-    learn every rendering, stage 5 (the base's house style) the others where there are any."""
+    """A manifest line (AST or SQA) scores against the first rendering only; stages 1-4 of the
+    base build learn every rendering, stage 5 (the base's house style) the others where there
+    are any."""
     sys.path.insert(0, str(DATA))
     builder = importlib.import_module("make_tiny_model")
     row = make_data.ast_row("I come.", ["Ich komme.", "Ich komme.", "Ich komme an.", "a", "b", "c"])
