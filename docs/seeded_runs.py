@@ -19,9 +19,12 @@ COMMON = ["--steps", "12", "--eval_limit", "16", "--batch_size", "2", "--threads
 folder = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "runs" / "seeded").resolve()
 for task, algo in RUNS:
     out = folder / f"{task}-{algo}"
-    if not (out / "results.json").is_file():
-        subprocess.run([sys.executable, str(ROOT / "grpo_speech.py"), "--task", task, "--algo", algo,
-                        *COMMON, "--output_dir", str(out), "--overwrite_output_dir"], check=True)
+    if not (out / "results.json").is_file():       # the run's own output goes to <run>.log
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{task}-{algo}.log", "w") as log:
+            subprocess.run([sys.executable, str(ROOT / "grpo_speech.py"), "--task", task, "--algo", algo,
+                           *COMMON, "--output_dir", str(out), "--overwrite_output_dir"],
+                           check=True, stdout=log, stderr=subprocess.STDOUT)
     results = json.loads((out / "results.json").read_text())
     bleu = " ".join(f"{when}_{mode} {results[when][mode]['bleu']!r}" for when in ("before", "after")
                     for mode in ("sampled", "greedy"))
