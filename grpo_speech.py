@@ -24,7 +24,7 @@ The file reads top to bottom in the order data flows:
     4. Reward         sentence BLEU (and chrF, TER, ROUGE-1/2/L) in [0, 1]
     5. Advantages     A_i = (r_i - mean(r)) / (std(r) + eps) within each group
     6. Loss           token log-probs, the clipped GRPO objective with a k3 KL penalty, and
-                      the weight of a micro-batch (or a torchrun process) in the batch's loss
+                      its normaliser, counted over the whole batch (all micro-batches, processes)
     7. MP-GRPO        inject the ground-truth answer into each group, off-policy
     8. Evaluation     corpus BLEU, chrF, TER (sacrebleu), ROUGE, their average and WER,
                       sampled and greedy
@@ -755,7 +755,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
               advantages: torch.Tensor, mask: torch.Tensor, eps: float = 0.2, beta: float = 0.02,
               loss_type: str = "dapo", off_policy: torch.Tensor | None = None,
               eps_high: float | None = None, policy_shaping: float = 0.0,
-              max_completion_length: int | None = None) -> tuple[torch.Tensor, dict]:
+              max_completion_length: int | None = None,
+              normalizer: float | None = None) -> tuple[torch.Tensor, dict]:
     """The (MP-)GRPO objective of the paper, as a loss to minimise.
 
         s_it = pi_theta(o_it) / pi_old(o_it) = exp(logp - old_logp)
@@ -768,7 +769,10 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     taken as 1, so the importance weight is pi_theta itself and is not clipped (LUFFY).
     aggregate: "dapo" (paper) sums over every completion token of the batch and divides by their
     number; "grpo" averages each sequence, then the sequences; "dr_grpo" divides the sum by
-    B * max_completion_length (default T).
+    B * max_completion_length (default T). `normalizer` is that divisor for the WHOLE batch
+    (loss_normalizer of all its rows): pass it when these rows are a part of the batch (a
+    micro-batch, one process's share), so that the parts' losses add up to the batch's loss;
+    None computes it from these rows alone.
 
     logp, old_logp, ref_logp, mask: (B, T); advantages: (B,); off_policy: (B,) bool or None.
     Returns (loss, diagnostics): mean ratio and clip fraction over on-policy tokens, mean KL.
@@ -800,14 +804,11 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         kl = torch.exp(delta) - delta - 1                              # >= 0, unbiased for KL
         objective = objective - beta * kl
     per_token = -objective * mask                                      # padding contributes 0
-    if loss_type == "dapo":
-        loss = per_token.sum() / mask.sum().clamp(min=1)
-    elif loss_type == "grpo":
-        loss = (per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
-    elif loss_type == "dr_grpo":
-        loss = per_token.sum() / (logp.shape[0] * (max_completion_length or logp.shape[1]))
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}")
+    if loss_type == "grpo":                          # each sequence's tokens weigh 1 / its length
+        per_token = per_token / mask.sum(dim=1, keepdim=True).clamp(min=1)
+    if normalizer is None:
+        normalizer = loss_normalizer(loss_type, mask, max_completion_length)
+    loss = per_token.sum() / normalizer
     with torch.no_grad():
         on_mask = mask * (~off_policy).float().unsqueeze(1)
         is_clipped = ((ratio < 1 - eps) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))
@@ -818,19 +819,24 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     return loss, diagnostics
 
 
-def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the reference tokens, averaged over tokens: -sum_it logp_it / N."""
-    return -(logp * mask).sum() / mask.sum().clamp(min=1)
-
-
-def batch_share(loss_type: str, part_mask: torch.Tensor, tokens: float, rows: int) -> float:
-    """Weight of the loss of a part of the batch (a micro-batch, or one process's share under
-    torchrun; part_mask (rows_part, T)) so that the parts' losses add up to the loss of the whole
-    batch of `tokens` completion tokens in `rows` sequences: "dapo" (and SFT) divide by tokens,
-    so a part counts by its share of the tokens; "grpo" and "dr_grpo" by its share of the rows."""
+def loss_normalizer(loss_type: str, mask: torch.Tensor, max_completion_length: int | None = None) -> float:
+    """The divisor of grpo_loss's token sum for rows `mask` (B, T): "dapo" the number of
+    completion tokens, "grpo" the number of sequences (each already divided by its length),
+    "dr_grpo" B * max_completion_length (default T). Sum it over micro-batches and processes to
+    get the whole batch's; it is a sum, so it adds up."""
     if loss_type == "dapo":
-        return part_mask.sum().item() / max(tokens, 1)
-    return part_mask.shape[0] / rows
+        return max(mask.sum().item(), 1.0)
+    if loss_type == "grpo":
+        return float(mask.shape[0])
+    if loss_type == "dr_grpo":
+        return float(mask.shape[0] * (max_completion_length or mask.shape[1]))
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
+    """Cross-entropy of the reference tokens, averaged over tokens: -sum_it logp_it / N, with N
+    the whole batch's token count (`normalizer`; None: these rows' own)."""
+    return -(logp * mask).sum() / (mask.sum().clamp(min=1) if normalizer is None else normalizer)
 
 
 # =============================================================================================
@@ -1015,7 +1021,7 @@ def backward(loss: torch.Tensor, timer: Timer) -> None:
 
 def optimizer_step(policy, optimizer, max_grad_norm: float, timer: Timer) -> torch.Tensor:
     """Sum the gradients over processes, clip, step, clear. A NaN/inf gradient stops before
-    the step. Each process's loss was weighted by its share of the global batch (batch_share),
+    the step. Each process's loss was weighted by its share of the global batch (grpo_loss's normalizer),
     so the summed gradient is the global batch's: what DDP does, without its wrapper, because
     the log-prob passes call the model's parts (encoder, embeddings, LLM) directly."""
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -1067,6 +1073,11 @@ def grpo_step(cfg, policy, reference, processor, optimizer, batch: Batch, timer:
     rows_per_pass = cfg.micro_batch_size or len(mask)
     parts = [slice(i, i + rows_per_pass) for i in range(0, len(mask), rows_per_pass)]
     tokens, sequences = all_sum(mask.sum().item()), all_sum(len(mask))    # of the global batch
+    # The loss divides by the whole global batch's normaliser, so micro-batches and processes add up.
+    normalizer = all_sum(loss_normalizer(cfg.loss_type, mask, cfg.max_completion_length))
+    terms = dict(eps=cfg.eps, beta=cfg.beta, loss_type=cfg.loss_type, eps_high=cfg.eps_high,
+                 policy_shaping=cfg.policy_shaping, max_completion_length=cfg.max_completion_length,
+                 normalizer=normalizer)
 
     def log_probs(model, rows):
         return sequence_log_probs(completion_logits(model, *(x[rows] for x in forward)),
@@ -1079,7 +1090,6 @@ def grpo_step(cfg, policy, reference, processor, optimizer, batch: Batch, timer:
     # 4. Policy update(s). With num_iterations == 1 the old policy is the current one.
     set_train_mode(policy, cfg.train_projector)
     old_logp = None
-    terms = (cfg.eps, cfg.beta, cfg.loss_type)
     for _ in range(cfg.num_iterations):
         new_logp = []
         for rows in parts:
@@ -1087,22 +1097,20 @@ def grpo_step(cfg, policy, reference, processor, optimizer, batch: Batch, timer:
                 logp = log_probs(policy, rows)
                 old = logp.detach() if old_logp is None else old_logp[rows]
                 part = [None if x is None else x[rows] for x in (ref_logp, off_policy)]
-                loss, _ = grpo_loss(logp, old, part[0], advantages[rows], mask[rows], *terms,
-                                    part[1], cfg.eps_high, cfg.policy_shaping, cfg.max_completion_length)
-            backward(loss * batch_share(cfg.loss_type, mask[rows], tokens, sequences), timer)
+                loss, _ = grpo_loss(logp, old, part[0], advantages[rows], mask[rows],
+                                    off_policy=part[1], **terms)
+            backward(loss, timer)
             new_logp.append(logp.detach())
         old_logp = torch.cat(new_logp) if old_logp is None else old_logp
         with torch.no_grad():           # the whole batch's loss and diagnostics, for the log
             loss, diagnostics = grpo_loss(torch.cat(new_logp), old_logp, ref_logp, advantages, mask,
-                                          *terms, off_policy, cfg.eps_high, cfg.policy_shaping,
-                                          cfg.max_completion_length)
+                                          off_policy=off_policy, **terms)
         grad_norm = optimizer_step(policy, optimizer, cfg.max_grad_norm, timer)
     # Logged over the global batch: sums over processes (the values themselves in one process).
-    share = batch_share(cfg.loss_type, mask, tokens, sequences)
     on_policy = (rewards if off_policy is None else rewards[~off_policy.cpu()]).double()
     n, total = all_sum(len(on_policy)), all_sum(on_policy.sum().item())
     spread = all_sum(((on_policy - total / n) ** 2).sum().item())
-    return {"loss": all_sum(loss.item() * share), "reward": total / n,
+    return {"loss": all_sum(loss.item()), "reward": total / n,
             "reward_std": (spread / max(n - 1, 1)) ** 0.5, "grad_norm": grad_norm.item(),
             "completion_tokens": tokens / sequences,
             "zero_std_groups": all_sum((rewards.view(-1, G).std(dim=1) == 0).sum().item()) / all_sum(len(rewards) // G),
@@ -1130,8 +1138,8 @@ def sft_step(cfg, policy, processor, optimizer, batch: Batch, timer: Timer, rng:
             audio_embeds = torch.nn.functional.pad(audio_embeds, (0, 0, 0, width))
             logits = completion_logits(policy, batch.input_ids[rows], batch.attention_mask[rows],
                                        audio_embeds, batch.audio_mask[rows], target_ids[rows])
-            loss = sft_loss(sequence_log_probs(logits, target_ids[rows], mask[rows]), mask[rows])
-            loss = loss * batch_share("dapo", mask[rows], tokens, len(targets))
+            loss = sft_loss(sequence_log_probs(logits, target_ids[rows], mask[rows]), mask[rows],
+                            normalizer=max(tokens, 1.0))
         backward(loss, timer)
         total += loss.item()
     grad_norm = optimizer_step(policy, optimizer, cfg.max_grad_norm, timer)

@@ -241,17 +241,26 @@ def test_micro_batches_give_the_gradient_of_the_whole_batch(loss_type):
     args = dict(eps=0.2, beta=0.04, loss_type=loss_type, off_policy=off_policy, max_completion_length=5)
     whole, _ = gs.grpo_loss(logp, logp.detach() - 0.1, ref_logp, advantages, mask, **args)
     (expected,) = torch.autograd.grad(whole, logp)
+    parts = (slice(0, 4), slice(4, 6))                 # unequal parts, unequal token counts
+    # the whole batch's normaliser is the sum of the parts': 17 tokens, 6 rows, 6 * 5
+    normalizer = sum(gs.loss_normalizer(loss_type, mask[rows], 5) for rows in parts)
+    assert normalizer == {"dapo": 17, "grpo": 6, "dr_grpo": 30}[loss_type]
     total = 0.0
-    for rows in (slice(0, 4), slice(4, 6)):            # unequal parts, unequal token counts
+    for rows in parts:
         args["off_policy"] = off_policy[rows]
         part, _ = gs.grpo_loss(logp[rows], logp[rows].detach() - 0.1, ref_logp[rows],
-                               advantages[rows], mask[rows], **args)
-        total = total + part * gs.batch_share(loss_type, mask[rows], mask.sum().item(), len(mask))
+                               advantages[rows], mask[rows], normalizer=normalizer, **args)
+        total = total + part
     assert total.item() == pytest.approx(whole.item(), abs=1e-6)
     (got,) = torch.autograd.grad(total, logp)
     assert torch.allclose(got, expected, atol=1e-7)
-    # without the share, a plain mean of the part losses would weight tokens unequally
-    assert gs.batch_share("dapo", mask[:4], 17, 6) == pytest.approx(11 / 17)   # 5+2+1+3 of 17 tokens
+    # each part normalised by itself alone, the sum would weight the tokens unequally
+    args["off_policy"] = off_policy[:4]
+    alone, _ = gs.grpo_loss(logp[:4], logp[:4].detach() - 0.1, ref_logp[:4], advantages[:4], mask[:4], **args)
+    with_whole, _ = gs.grpo_loss(logp[:4], logp[:4].detach() - 0.1, ref_logp[:4], advantages[:4],
+                                 mask[:4], normalizer=normalizer, **args)
+    own = {"dapo": 11, "grpo": 4, "dr_grpo": 20}[loss_type]            # 5+2+1+3 tokens, 4 rows
+    assert with_whole.item() == pytest.approx(alone.item() * own / normalizer, abs=1e-7)
 
 
 def test_policy_shaping():
