@@ -96,7 +96,7 @@ def saved_bytes(model, checkpointing: bool) -> int:
     completion = torch.zeros(1, COMPLETION, dtype=torch.long, device=device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         logits = gs.completion_logits(model, prompt, torch.ones_like(prompt), None, None, completion)
-        gs.sequence_log_probs(logits, completion)
+        gs.token_log_probs(logits, completion)
     return sum(saved.values())
 
 

@@ -217,7 +217,10 @@ def check_config(cfg: Config) -> Config:
     cfg.test = cfg.test or str(toy / "test.jsonl")
     cfg.dev = cfg.dev or str(toy / "dev.jsonl")
     cfg.output_dir = cfg.output_dir or str(ROOT / "runs" / f"{cfg.task}-{cfg.algo}-seed{cfg.seed}")
-    for name in ("train", "test") + (("dev",) if cfg.eval_every else ()) if cfg.steps else ("test",):
+    needed = ["test"]                             # --steps 0 only evaluates
+    if cfg.steps:
+        needed = ["train", "test"] + (["dev"] if cfg.eval_every else [])
+    for name in needed:
         if not Path(getattr(cfg, name)).is_file():
             raise UsageError(f"--{name} {getattr(cfg, name)}: manifest file not found")
     model = Path(cfg.model).expanduser()
@@ -738,7 +741,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 # =============================================================================================
 # 6. Loss: token log-probs, clipped objective, KL penalty
 # =============================================================================================
-def sequence_log_probs(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None,
+def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None,
                        temperature: float = 1.0) -> torch.Tensor:
     """log pi(o_t | q, o_<t) of the sampled tokens, per token.
 
@@ -1080,7 +1083,7 @@ def grpo_step(cfg, policy, reference, processor, optimizer, batch: Batch, timer:
                  normalizer=normalizer)
 
     def log_probs(model, rows):
-        return sequence_log_probs(completion_logits(model, *(x[rows] for x in forward)),
+        return token_log_probs(completion_logits(model, *(x[rows] for x in forward)),
                                   completion_ids[rows], mask[rows], cfg.temperature)
     # 3. Reference log-probs, only when the KL term is on.
     ref_logp = None
@@ -1138,7 +1141,7 @@ def sft_step(cfg, policy, processor, optimizer, batch: Batch, timer: Timer, rng:
             audio_embeds = torch.nn.functional.pad(audio_embeds, (0, 0, 0, width))
             logits = completion_logits(policy, batch.input_ids[rows], batch.attention_mask[rows],
                                        audio_embeds, batch.audio_mask[rows], target_ids[rows])
-            loss = sft_loss(sequence_log_probs(logits, target_ids[rows], mask[rows]), mask[rows],
+            loss = sft_loss(token_log_probs(logits, target_ids[rows], mask[rows]), mask[rows],
                             normalizer=max(tokens, 1.0))
         backward(loss, timer)
         total += loss.item()

@@ -77,22 +77,22 @@ def test_group_advantages_rejects_bad_groups():
 # ---------------------------------------------------------------------------------------------
 # Log-probs
 # ---------------------------------------------------------------------------------------------
-def test_sequence_log_probs_by_hand():
+def test_token_log_probs_by_hand():
     logits = torch.log(torch.tensor([[[1.0, 2.0, 5.0], [4.0, 2.0, 2.0]]]))   # softmax: /8
     tokens = torch.tensor([[2, 0]])
-    result = gs.sequence_log_probs(logits, tokens)
+    result = gs.token_log_probs(logits, tokens)
     assert torch.allclose(result, torch.log(torch.tensor([[5 / 8, 4 / 8]])))
-    masked = gs.sequence_log_probs(logits, tokens, torch.tensor([[1.0, 0.0]]))
+    masked = gs.token_log_probs(logits, tokens, torch.tensor([[1.0, 0.0]]))
     assert torch.allclose(masked, torch.tensor([[math.log(5 / 8), 0.0]]))
 
 
-def test_sequence_log_probs_temperature_and_stability():
+def test_token_log_probs_temperature_and_stability():
     # logits [0, 2 ln 2] at temperature 2 -> [0, ln 2] -> probabilities [1/3, 2/3]
     logits = torch.tensor([[[0.0, 2 * math.log(2)]]])
-    assert torch.allclose(gs.sequence_log_probs(logits, torch.tensor([[1]]), temperature=2.0),
+    assert torch.allclose(gs.token_log_probs(logits, torch.tensor([[1]]), temperature=2.0),
                           torch.tensor([[math.log(2 / 3)]]))
     huge = torch.tensor([[[1e4, 0.0, -1e4]]])
-    values = gs.sequence_log_probs(huge, torch.tensor([[1]]))
+    values = gs.token_log_probs(huge, torch.tensor([[1]]))
     assert torch.isfinite(values).all() and values.item() == pytest.approx(-1e4)
 
 
@@ -203,10 +203,10 @@ def test_one_update_per_batch_is_policy_gradient():
     tokens = torch.randint(0, 7, (4, 5))
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]).float()
     advantages = torch.tensor([0.5, -1.0, 2.0, -0.25])
-    logp = gs.sequence_log_probs(logits, tokens, mask)
+    logp = gs.token_log_probs(logits, tokens, mask)
     loss, diagnostics = gs.grpo_loss(logp, logp.detach(), None, advantages, mask, beta=0.0)
     (grad,) = torch.autograd.grad(loss, logits)
-    reinforce = -(advantages[:, None] * gs.sequence_log_probs(logits, tokens, mask) * mask).sum() / mask.sum()
+    reinforce = -(advantages[:, None] * gs.token_log_probs(logits, tokens, mask) * mask).sum() / mask.sum()
     (expected,) = torch.autograd.grad(reinforce, logits)
     assert torch.allclose(grad, expected, atol=1e-7)
     assert diagnostics["ratio"] == 1.0 and diagnostics["clip_fraction"] == 0.0
