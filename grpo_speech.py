@@ -742,7 +742,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 # 6. Loss: token log-probs, clipped objective, KL penalty
 # =============================================================================================
 def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None,
-                       temperature: float = 1.0) -> torch.Tensor:
+                    temperature: float = 1.0) -> torch.Tensor:
     """log pi(o_t | q, o_<t) of the sampled tokens, per token.
 
     logits: (B, T, V) predicting tokens (B, T); mask (B, T) zeroes padding -> (B, T)
@@ -1024,8 +1024,8 @@ def backward(loss: torch.Tensor, timer: Timer) -> None:
 
 def optimizer_step(policy, optimizer, max_grad_norm: float, timer: Timer) -> torch.Tensor:
     """Sum the gradients over processes, clip, step, clear. A NaN/inf gradient stops before
-    the step. Each process's loss was weighted by its share of the global batch (grpo_loss's normalizer),
-    so the summed gradient is the global batch's: what DDP does, without its wrapper, because
+    the step. Each process's loss was divided by the global batch's normaliser, so the summed
+    gradient is the global batch's: what DDP does, without its wrapper, because
     the log-prob passes call the model's parts (encoder, embeddings, LLM) directly."""
     trainable = [p for p in policy.parameters() if p.requires_grad]
     with timer("optimizer"):
@@ -1084,7 +1084,7 @@ def grpo_step(cfg, policy, reference, processor, optimizer, batch: Batch, timer:
 
     def log_probs(model, rows):
         return token_log_probs(completion_logits(model, *(x[rows] for x in forward)),
-                                  completion_ids[rows], mask[rows], cfg.temperature)
+                               completion_ids[rows], mask[rows], cfg.temperature)
     # 3. Reference log-probs, only when the KL term is on.
     ref_logp = None
     if cfg.beta > 0:
