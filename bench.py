@@ -247,7 +247,7 @@ def step(i):
     timer = gs.Timer()
     sync()
     start = time.perf_counter()
-    metrics = gs.grpo_step(cfg, policy, reference, processor, optimizer, batches[i], timer)
+    metrics, _ = gs.grpo_step(cfg, policy, reference, processor, optimizer, batches[i], timer)
     sync()
     return time.perf_counter() - start, timer.seconds, metrics
 

@@ -61,7 +61,7 @@ def test_group_advantages_scale_options():
     # batch: mean 1.5, squared deviations sum to 14, sample variance 14 / 7 = 2
     assert torch.allclose(gs.group_advantages(rewards, 4, scale="batch"),
                           centred / (math.sqrt(2) + 1e-4), atol=1e-6)
-    assert torch.allclose(gs.group_advantages(rewards, 4, eps=0.0),
+    assert torch.allclose(gs.group_advantages(rewards, 4, stabilizer=0.0),
                           centred / torch.tensor([math.sqrt(5 / 3)] * 4 + [math.sqrt(1 / 3)] * 4))
 
 
@@ -782,6 +782,24 @@ def test_cli_trains_evaluates_and_saves(algo, small_data, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_every_group_is_logged_and_one_is_shown(small_data, tmp_path, capsys):
+    assert run_cli(small_data, tmp_path, "--algo", "mp_grpo", "--steps", "2", "--log_every", "2",
+                   "--skip_base_eval", "--eval_limit", "1") == 0
+    groups = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert [g["step"] for g in groups] == [1, 1, 2, 2]                  # batch_size 2: two groups
+    for group in groups:
+        answers, rewards = group["answers"], torch.tensor(group["rewards"])
+        assert len(answers) == 4 and group["injected"] == 3 and answers[3] == group["references"][0]
+        assert rewards[3] == 1.0                                 # the reference against itself
+        bleu = gs.bleu_rewards(answers, [group["references"]] * 4)
+        assert torch.allclose(rewards, bleu, atol=1e-4)
+        assert torch.allclose(torch.tensor(group["advantages"]), gs.group_advantages(bleu, 4), atol=1e-4)
+    shown = capsys.readouterr().out                        # tqdm.write: above the progress bar
+    assert shown.count("group of ") == 1 and shown.count("<- the reference, injected (MP-GRPO)") == 1
+    assert f"{groups[2]['rewards'][0]:>7.3f} {groups[2]['advantages'][0]:>+9.3f}  {groups[2]['answers'][0]}" in shown
+
+
+@pytest.mark.slow
 def test_encode_once_sampling_matches_generate_with_features(small_data):
     """Our rollout on a batch of 3 (audio encoded once, prompts left-padded) answers as the
     library's generate(input_features=...) does on each clip alone."""
@@ -910,6 +928,8 @@ def test_interrupted_run_resumes_like_an_uninterrupted_one(small_data, tmp_path,
     assert gs.main(["--resume", str(checkpoint)]) == 0
     resumed = read_metrics(tmp_path / "cut")
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
+    groups = (tmp_path / "cut" / "completions.jsonl").read_text().splitlines()
+    assert [json.loads(g)["step"] for g in groups] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     for a, b in zip(straight, resumed):
         for key in ("loss", "reward", "kl", "completion_tokens", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
@@ -975,7 +995,7 @@ def test_micro_batch_size_changes_memory_not_the_update(algo, lora, small_data, 
         logged[name] = read_metrics(tmp_path / name)[0]
     assert logged["one"]["grad_norm"] > 0
     for name in ("micro", "checkpointed"):
-        for key in ("loss", "grad_norm"):
+        for key in ("loss", "grad_norm", "kl", "ratio", "clip_fraction")[:2 if algo == "sft" else 5]:
             assert logged[name][key] == pytest.approx(logged["one"][key], rel=1e-5, abs=1e-7), (name, key)
 
 
