@@ -86,35 +86,7 @@ def ter_rewards(completions: list[str], references: list[list[str]]) -> torch.Te
                          if c.strip() else 0.0 for c, refs in zip(completions, references)])
 
 
-def rouge_f1(hypothesis: str, reference: str, n: int | None) -> float:
-    """ROUGE F1 on lower-cased words (punctuation dropped): F = 2 P R / (P + R) = 2 m / (|h| + |r|),
-    P = m / |h|, R = m / |r|. ROUGE-N (n = 1, 2): m = shared n-grams (clipped counts), |h|, |r|
-    = n-gram counts; ROUGE-L (n = None): m = longest common subsequence, |h|, |r| = words.
-    (Written out here because none of this project's packages has ROUGE.)"""
-    h, r = re.findall(r"\w+", hypothesis.lower()), re.findall(r"\w+", reference.lower())
-    if n is None:
-        row = [0] * (len(r) + 1)                    # LCS, one row of the table at a time
-        for x in h:
-            previous_diagonal = 0
-            for j, y in enumerate(r, start=1):
-                previous_diagonal, row[j] = row[j], (previous_diagonal + 1 if x == y
-                                                     else max(row[j], row[j - 1]))
-        matches = row[-1]
-    else:
-        h, r = ([tuple(words[i:i + n]) for i in range(len(words) - n + 1)] for words in (h, r))
-        matches = sum((collections.Counter(h) & collections.Counter(r)).values())
-    return 0.0 if matches == 0 else 2 * matches / (len(h) + len(r))
-
-
-def rouge_rewards(completions: list[str], references: list[list[str]], n: int | None) -> torch.Tensor:
-    """r_i = max over references of rouge_f1(completion_i, reference, n)."""
-    return torch.tensor([max(rouge_f1(c, ref, n) for ref in refs)
-                         for c, refs in zip(completions, references)])
-
-
-REWARDS = {"bleu": bleu_rewards, "chrf": chrf_rewards, "ter": ter_rewards,
-           "rouge1": functools.partial(rouge_rewards, n=1), "rouge2": functools.partial(rouge_rewards, n=2),
-           "rouge_l": functools.partial(rouge_rewards, n=None)}
+REWARDS = {"bleu": bleu_rewards, "chrf": chrf_rewards, "ter": ter_rewards}   # + ROUGE, Part III
 
 
 # --- Advantages: each answer against its own group ------------------------------------------
@@ -196,22 +168,19 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, base_logp: torch.Tenso
         s_it = pi_theta(o_it) / pi_old(o_it) = exp(logp - old_logp)
         l_it = min(s_it A_i, clip(s_it, 1 - eps, 1 + eps_high) A_i)             on-policy rows
         l_it = f(pi_theta(o_it)) A_i,  f(p) = p (or p / (p + gamma) if shaping)   off-policy rows
-        KL_it = exp(base - logp) - (base - logp) - 1                 (k3 estimator, >= 0)
-        loss  = -sum_it (l_it - beta KL_it) / N
+        KL_it = exp(base - logp) - (base - logp) - 1                      (k3 estimator, >= 0)
+        loss  = -sum_it (l_it - beta KL_it) / N,       N = loss_normalizer(loss_type, mask)
 
     Off-policy rows (MP-GRPO) hold the ground-truth answer: their behaviour policy is taken as
-    1, so the importance weight is pi_theta itself and is not clipped (LUFFY). base_logp are the
-    log-probs under the frozen base model (the KL anchor); None, or beta = 0, drops the KL term.
-    N comes from loss_normalizer (loss_type "dapo": tokens; "grpo": sequences, each token
-    divided by its sequence's length; "dr_grpo": B * max_completion_length). Pass `normalizer`,
-    the WHOLE batch's N, when these rows are a part of the batch (a micro-batch, one process's
-    share): the parts' losses then add up to the batch's. None computes N from these rows.
+    1, so the importance weight is pi_theta itself, unclipped (LUFFY). base_logp: log-probs
+    under the frozen base model; None or beta = 0 drops the KL term. `normalizer` is the WHOLE
+    batch's N: pass it when these rows are a part of the batch (a micro-batch, a process's
+    share), so that the parts' losses add up to the batch's; None: these rows' own N.
 
     logp, old_logp, base_logp, mask: (B, T); advantages: (B,); off_policy: (B,) bool or None.
     Returns (loss, diagnostics): mean ratio and clip fraction over on-policy tokens, mean KL.
-
-    With one update per batch, old_logp is logp.detach(): s = 1 exactly, nothing is clipped,
-    and the gradient is REINFORCE with a group baseline, -sum_it A_i grad logp_it / N.
+    With one update per batch old_logp = logp.detach(): s = 1, nothing is clipped, and the
+    gradient is REINFORCE with a group baseline, -sum_it A_i grad logp_it / N.
     """
     eps_high = eps if eps_high is None else eps_high
     keep = mask.bool()
@@ -307,104 +276,95 @@ def option(default, help: str, choices: tuple = (), minimum: float | None = None
 class Config:
     """Every option of a run; `python grpo_speech.py --help` lists them with these texts."""
     # --- what to train ---
-    task: str = option("ast", "ast (speech translation En->De), sqa (spoken question answering) "
-                       "or asr (transcription; manifests default to data/ast/*, scored by WER too)",
-                       choices=("ast", "sqa", "asr"))
-    algo: str = option("grpo", "grpo, mp_grpo (reference injected into each group) or sft (the "
-                       "supervised baseline)", choices=("grpo", "mp_grpo", "sft"))
+    task: str = option("ast", "ast (speech translation En->De), sqa (spoken QA) or asr "
+                       "(transcription of the AST clips, scored by WER too)", choices=("ast", "sqa", "asr"))
+    algo: str = option("grpo", "grpo, mp_grpo (the reference injected into each group) or sft "
+                       "(the supervised baseline)", choices=("grpo", "mp_grpo", "sft"))
     model: str = option(str(DATA_DIR / "granite-speech-tiny"),
-        "checkpoint directory or hub id (e.g. ibm-granite/granite-speech-3.3-2b)")
+                        "checkpoint directory or hub id (e.g. ibm-granite/granite-speech-3.3-2b)")
     train: str = option("", "training manifest (JSONL); default data/<task>/train.jsonl")
     test: str = option("", "evaluation manifest (JSONL); default data/<task>/test.jsonl")
-    output_dir: str = option("",
-        "where metrics, checkpoints and the final model go; default runs/<task>-<algo>-seed<seed>")
-    reward: str = option("bleu", "reward metric: bleu, chrf, ter, rouge1, rouge2 or rouge_l "
-                         "(paper: bleu)", choices=tuple(REWARDS))
+    output_dir: str = option("", "metrics, checkpoints and the final model; default "
+                             "runs/<task>-<algo>-seed<seed>")
+    reward: str = option("bleu", "reward metric (paper: bleu)", choices=REWARDS)
     # --- GRPO (paper section 3) ---
     group_size: int = option(8, "G, completions sampled per prompt (paper: 8)")
     beta: float = option(0.02, "weight of the KL penalty to the base model (paper: 0.02)", minimum=0)
     eps: float = option(0.2, "PPO clip range: ratios outside [1-eps, 1+eps] get no gradient",
                         need="0 < eps < 1")
-    eps_high: float = option(-1.0, "upper clip range if different from eps (DAPO's "
-                             "clip-higher); -1 = eps", need="eps_high == -1 or 0 < eps_high < 10")
-    loss_type: str = option("dapo", "token aggregation: dapo (paper), grpo (per-sequence mean) "
-                            "or dr_grpo", choices=("dapo", "grpo", "dr_grpo"))
-    scale_rewards: str = option("group", "advantage scaling: group std (paper), batch std, or "
-                                "none (Dr. GRPO)", choices=("group", "batch", "none"))
-    num_iterations: int = option(1, "policy updates per sampled batch (mu); 1 makes the ratio "
-                                 "exactly 1", minimum=1)
+    eps_high: float = option(-1.0, "upper clip range if not eps (DAPO's clip-higher); -1 = eps",
+                             need="eps_high == -1 or 0 < eps_high < 10")
+    loss_type: str = option("dapo", "token aggregation: dapo (paper), grpo (per-sequence mean) or "
+                            "dr_grpo", choices=("dapo", "grpo", "dr_grpo"))
+    scale_rewards: str = option("group", "advantage scaling: group std (paper), batch std, none "
+                                "(Dr. GRPO)", choices=("group", "batch", "none"))
+    num_iterations: int = option(1, "policy updates per sampled batch (mu); 1: the ratio is 1",
+                                 minimum=1)
     # Below temperature 0.1 a group's answers are all the same: no advantage, no training.
-    temperature: float = option(1.0, "sampling temperature during training (paper: 1.0)",
+    temperature: float = option(1.0, "sampling temperature in training (paper: 1.0)",
                                 need="0.1 <= temperature <= 10")
-    max_completion_length: int = option(48, "most tokens sampled per answer (paper: 200; toy "
-                                        "answers are short)", minimum=1)
-    policy_shaping: float = option(0.0, "MP-GRPO: LUFFY's shaping f(p) = p / (p + gamma) on "
-                                   "off-policy tokens; 0 = off (paper)", minimum=0)
+    max_completion_length: int = option(48, "most tokens per answer (paper: 200; toy answers are "
+                                        "short)", minimum=1)
+    policy_shaping: float = option(0.0, "MP-GRPO: LUFFY's f(p) = p / (p + gamma) on off-policy "
+                                   "tokens; 0 = off (paper)", minimum=0)
     # --- optimisation ---
     steps: int = option(-1, "optimizer steps; -1 = the task's default (ast 400, sqa and asr 200); "
-                            "0 = only evaluate --model on --test")
+                        "0 = only evaluate --model on --test")
     batch_size: int = option(4, "prompts per step (each sampled G times)", minimum=1)
-    sft_batch_size: int = option(0, "SFT examples per step; 0 = batch_size * group_size, the "
-                                 "sequences of one GRPO step", minimum=0)
+    sft_batch_size: int = option(0, "SFT examples per step; 0 = batch_size * group_size",
+                                 minimum=0)
     lr: float = option(5e-5, "AdamW learning rate", minimum=0)
     weight_decay: float = option(0.0, "AdamW weight decay", minimum=0)
-    warmup_ratio: float = option(0.05, "share of steps with linear learning-rate warm-up",
+    warmup_ratio: float = option(0.05, "share of steps with linear warm-up",
                                  need="0 <= warmup_ratio <= 1")
-    lr_scheduler: str = option("constant_with_warmup",
-        "any transformers scheduler name (constant_with_warmup, cosine, linear)")
+    lr_scheduler: str = option("constant_with_warmup", "a transformers scheduler name")
     max_grad_norm: float = option(1.0, "gradient clipping norm; 0 = no clipping", minimum=0)
-    micro_batch_size: int = option(0, "sequences per forward/backward pass (memory): gradients "
-        "accumulate over the step, normalised exactly as in one pass; 0 = all at once", minimum=0)
-    gradient_checkpointing: bool = option(False, "recompute the LLM's activations in the "
-                                          "backward pass: less memory, more time")
-    lora_rank: int = option(0, "0: train the whole LLM (the paper); r > 0: train a new LoRA of "
-        "rank r on the LLM's linear layers instead, the KL's base model being the LoRA switched "
-        "off (no model copy: fits the 8B on one 80 GB GPU)", minimum=0)
-    train_projector: bool = option(False,
-        "SFT only: also train the projector (the speech encoder is always frozen)")
+    micro_batch_size: int = option(0, "sequences per forward/backward pass (memory; the update "
+                                   "is the same); 0 = all at once", minimum=0)
+    gradient_checkpointing: bool = option(False, "recompute the LLM's activations in backward")
+    lora_rank: int = option(0, "0: train the whole LLM (paper); r > 0: a new LoRA of rank r on "
+                            "its linear layers (the base model is the LoRA switched off)", minimum=0)
+    train_projector: bool = option(False, "SFT only: train the projector too (the speech "
+                                   "encoder is always frozen)")
     # --- evaluation (paper: sampling with top-p 0.9, temperature 0.9) ---
-    eval_temperature: float = option(0.9, "sampling temperature for evaluation",
+    eval_temperature: float = option(0.9, "sampling temperature in evaluation",
                                      need="0.1 <= eval_temperature <= 10")
-    eval_top_p: float = option(0.9, "nucleus sampling top-p for evaluation",
-                               need="0 < eval_top_p <= 1")
+    eval_top_p: float = option(0.9, "nucleus top-p in evaluation", need="0 < eval_top_p <= 1")
     eval_batch_size: int = option(50, "clips per evaluation batch", minimum=1)
     eval_limit: int = option(0, "evaluate on the first N test clips only; 0 = all", minimum=0)
     skip_base_eval: bool = option(False, "do not evaluate the model before training")
-    eval_every: int = option(0, "score --dev (greedy BLEU) every N steps and keep the best "
-                             "model in best/, tested at the end beside the last; 0 = off", minimum=0)
+    eval_every: int = option(0, "score --dev (greedy BLEU) every N steps and keep the best model "
+                             "in best/; 0 = off", minimum=0)
     dev: str = option("", "validation manifest for --eval_every; default data/<task>/dev.jsonl")
-    dev_limit: int = option(100, "first N dev clips only (speed); 0 = all", minimum=0)
-    eval_audio: str = option("speech", "what the model hears in evaluation: speech, or silence "
-                             "/ shuffled (another clip) to check that it listens",
+    dev_limit: int = option(100, "first N dev clips only; 0 = all", minimum=0)
+    eval_audio: str = option("speech", "what the model hears in evaluation: speech, or silence / "
+                             "shuffled (another clip), to check that it listens",
                              choices=("speech", "silence", "shuffled"))
     # --- running ---
     seed: int = option(0, "seed for data order, sampling and initialisation")
     device: str = option("auto", "cpu, cuda or auto", choices=("auto", "cpu", "cuda"))
-    dtype: str = option("float32", "float32 or bfloat16 (weights and compute; TF32 on GPUs)",
+    dtype: str = option("float32", "weights and compute (TF32 matmuls on GPUs)",
                         choices=("float32", "bfloat16"))
-    save_dtype: str = option("auto", "dtype of the saved final model: auto (as trained), float32 "
-                             "or bfloat16", choices=("auto", "float32", "bfloat16"))
+    save_dtype: str = option("auto", "dtype of the saved final model (auto: as trained)",
+                             choices=("auto", "float32", "bfloat16"))
     threads: int = option(0, "torch CPU threads; 0 = all cores", minimum=0)
-    log_every: int = option(10, "print a metrics line and one group's answers every N steps",
-                            minimum=0)
-    save_every: int = option(0, "write a resumable checkpoint every N steps; 0 = none (final/ "
-                             "is always written)", minimum=0)
+    log_every: int = option(10, "print the metrics and one group every N steps", minimum=0)
+    save_every: int = option(0, "write a resumable checkpoint every N steps; 0 = only final/",
+                             minimum=0)
     keep_checkpoints: int = option(2, "how many step checkpoints to keep", minimum=1)
-    resume: str = option("",
-        "continue from a checkpoint directory, or 'last' for the newest in output_dir; the "
-        "run's other options come from the checkpoint unless given again")
-    overwrite_output_dir: bool = option(False,
-        "start afresh in an output_dir that holds another run's files (they are deleted)")
+    resume: str = option("", "continue from a checkpoint directory, or 'last' in output_dir; "
+                         "its options apply unless given again")
+    overwrite_output_dir: bool = option(False, "start afresh in an output_dir that holds another "
+                                        "run's files (they are deleted)")
     examples: int = option(3, "example predictions to print after evaluation", minimum=0)
-    trust_remote_code: bool = option(False,
-        "allow a checkpoint's own Python code (off: only transformers' classes run)")
+    trust_remote_code: bool = option(False, "allow a checkpoint's own Python code")
 
 
 # --- Data: manifests, audio, prompts ---------------------------------------------------------
 # A manifest is JSONL, one example per line (data/README.md): "audio" (path relative to the
 # manifest), the task's text fields, and optionally "task" to mix tasks in one file (used for the
-# toy base model's pretraining mix). load_manifest (Part III) reads and checks it. The prompts
-# are the paper's.
+# toy base model's pretraining mix). load_manifest and load_audio (Part III) read and check
+# them. The prompts are the paper's.
 TASKS = {
     "ast": {"prompt": "<|audio|> listen to the speech and translate it into German.",
             "fields": ("translation",), "references": lambda ex: ex["translation"], "steps": 400},
@@ -414,30 +374,6 @@ TASKS = {
             "fields": ("text",), "references": lambda ex: [ex["text"]], "steps": 200},
 }
 SAMPLING_RATE = 16_000
-
-
-def load_audio(path: str, where: str = "") -> torch.Tensor:
-    """Mono float32 waveform at 16 kHz, shape (samples,).
-
-    Files are read with soundfile (libsndfile: WAV of any sample format, FLAC, MP3, OGG), which
-    needs no FFmpeg, unlike torchaudio.load. Stereo is averaged to mono, other sample rates are
-    resampled with torchaudio, and clips longer than MAX_AUDIO_SECONDS are an error rather than
-    silently truncated (the encoder has no hard limit, but memory and the LLM's context do).
-    """
-    import soundfile
-    where = where or path
-    try:
-        data, rate = soundfile.read(path, dtype="float32", always_2d=True)   # (samples, channels)
-    except Exception as error:                         # unreadable, truncated, not audio at all
-        raise UsageError(f"{where}: cannot read audio {path} ({error})") from None
-    if data.size == 0:
-        raise UsageError(f"{where}: audio {path} has no samples")
-    check_duration(len(data) / rate, path, where)
-    samples = torch.from_numpy(data).mean(dim=1)       # (samples, channels) -> (samples,)
-    if rate != SAMPLING_RATE:
-        import torchaudio
-        samples = torchaudio.functional.resample(samples, rate, SAMPLING_RATE)
-    return samples
 
 
 def prompt_text(example: dict, tokenizer) -> str:
@@ -514,12 +450,8 @@ def load_model(cfg: Config, device):
     logging.getLogger("transformers.models.granite_speech.modeling_granite_speech").setLevel(logging.ERROR)
     model = GraniteSpeechForConditionalGeneration.from_pretrained(
         cfg.model, dtype=dtype, use_safetensors=True, **options).to(device)
-    if getattr(model, "_hf_peft_config_loaded", False):
-        raise UsageError("peft is installed, so transformers loaded the checkpoint's LoRA adapter "
-                         "itself and cannot switch it on with this peft; uninstall peft (the "
-                         "adapter is merged into the weights here instead)")
-    if model.config.has_lora_adapter:
-        merge_audio_adapter(model, cfg.model)
+    if model.config.has_lora_adapter or getattr(model, "_hf_peft_config_loaded", False):
+        merge_audio_adapter(model, cfg.model)       # the real checkpoints' audio LoRA (Part III)
     model.eval()
     # What trains: the whole LLM, or only a new LoRA on it; never the speech encoder.
     model.model.language_model.requires_grad_(not cfg.lora_rank)
@@ -777,11 +709,9 @@ def sft_step(cfg: Config, policy, processor, optimizer, batch: Batch, timer: Tim
 @torch.no_grad()
 def evaluate(model, processor, examples: list[dict], cfg: Config, greedy: bool, seed: int) -> dict:
     """Answer every test clip once (sampled with top-p/temperature as in the paper, or greedy)
-    and score the corpus: sacrebleu's BLEU, chrF and TER, ROUGE-1/2/L (mean sentence F1 x 100),
-    their average ("avg", with 100 - TER so that higher is better, as in the paper's reward
-    ablation) and WER. The RNG is forked: evaluating does not change the training run's random
-    stream. Each clip is encoded alone, so the scores do not depend on --eval_batch_size."""
-    from sacrebleu.metrics import BLEU, CHRF, TER
+    and score the corpus (corpus_scores: BLEU, chrF, TER, ROUGE, WER). The RNG is forked:
+    evaluating does not change the training run's random stream. Each clip is encoded alone,
+    so the scores do not depend on --eval_batch_size."""
     from tqdm import tqdm
     model.eval()
     predictions = []
@@ -799,20 +729,8 @@ def evaluate(model, processor, examples: list[dict], cfg: Config, greedy: bool, 
             predictions += decode(processor.tokenizer, ids, mask)
     shards = all_gather(predictions)
     predictions = [shards[i % world()][i // world()] for i in range(len(examples))]
-    references = [references_of(ex) for ex in examples]
-    most = max(len(r) for r in references)
-    # sacrebleu takes one stream per reference position; None marks "no n-th reference here".
-    streams = [[r[k] if k < len(r) else None for r in references] for k in range(most)]
-    bleu = BLEU()
-    scores = {"bleu": bleu.corpus_score(predictions, streams).score,
-              "chrf": CHRF().corpus_score(predictions, streams).score,
-              "ter": TER().corpus_score(predictions, streams).score}
-    for name in ("rouge1", "rouge2", "rouge_l"):
-        scores[name] = 100 * REWARDS[name](predictions, references).mean().item()
-    higher_is_better = {**scores, "ter": 100 - scores["ter"]}
-    scores["avg"] = sum(higher_is_better.values()) / len(higher_is_better)
-    return {**scores, "wer": word_error_rate(predictions, references),
-            "signature": str(bleu.get_signature()), "predictions": predictions}
+    return {**corpus_scores(predictions, [references_of(ex) for ex in examples]),
+            "predictions": predictions}
 
 
 # --- The training loop -----------------------------------------------------------------------
@@ -978,6 +896,30 @@ def ensure_audio(examples: list[dict]) -> None:
         except Exception as error:
             raise UsageError(f"{where}: cannot read audio {path} ({error})") from None
         check_duration(info.frames / info.samplerate, path, where)
+
+
+def load_audio(path: str, where: str = "") -> torch.Tensor:
+    """Mono float32 waveform at 16 kHz, shape (samples,).
+
+    Files are read with soundfile (libsndfile: WAV of any sample format, FLAC, MP3, OGG), which
+    needs no FFmpeg, unlike torchaudio.load. Stereo is averaged to mono, other sample rates are
+    resampled with torchaudio, and clips longer than MAX_AUDIO_SECONDS are an error rather than
+    silently truncated (the encoder has no hard limit, but memory and the LLM's context do).
+    """
+    import soundfile
+    where = where or path
+    try:
+        data, rate = soundfile.read(path, dtype="float32", always_2d=True)   # (samples, channels)
+    except Exception as error:                         # unreadable, truncated, not audio at all
+        raise UsageError(f"{where}: cannot read audio {path} ({error})") from None
+    if data.size == 0:
+        raise UsageError(f"{where}: audio {path} has no samples")
+    check_duration(len(data) / rate, path, where)
+    samples = torch.from_numpy(data).mean(dim=1)       # (samples, channels) -> (samples,)
+    if rate != SAMPLING_RATE:
+        import torchaudio
+        samples = torchaudio.functional.resample(samples, rate, SAMPLING_RATE)
+    return samples
 
 
 def check_duration(seconds: float, path: str, where: str) -> None:
@@ -1462,6 +1404,10 @@ def merge_audio_adapter(model, checkpoint: str) -> None:
     audio, that is every prompt here. Merge it into the weights once, W <- W + (alpha / r) B A:
     the LLM then trains as a plain model and saves a plain checkpoint (has_lora_adapter false)
     that reloads exactly, and peft is not needed."""
+    if getattr(model, "_hf_peft_config_loaded", False):
+        raise UsageError("peft is installed, so transformers loaded the checkpoint's LoRA adapter "
+                         "itself and cannot switch it on with this peft; uninstall peft (the "
+                         "adapter is merged into the weights here instead)")
     from safetensors.torch import load_file
     from transformers.utils import cached_file
 
@@ -1612,6 +1558,55 @@ def memory_report(policy, base_model) -> str:
     gigabytes = (weights + trainable * 4 * 3) / 1e9
     return (f"model: {count / 1e6:.1f}M parameters, {trainable / 1e6:.1f}M trainable; weights"
             f"{' + reference' if copies == 2 else ''} + gradients + AdamW = {gigabytes:.2f} GB before activations")
+
+
+def rouge_f1(hypothesis: str, reference: str, n: int | None) -> float:
+    """ROUGE F1 on lower-cased words (punctuation dropped): F = 2 P R / (P + R) = 2 m / (|h| + |r|),
+    P = m / |h|, R = m / |r|. ROUGE-N (n = 1, 2): m = shared n-grams (clipped counts), |h|, |r|
+    = n-gram counts; ROUGE-L (n = None): m = longest common subsequence, |h|, |r| = words.
+    (Written out here because none of this project's packages has ROUGE.)"""
+    h, r = re.findall(r"\w+", hypothesis.lower()), re.findall(r"\w+", reference.lower())
+    if n is None:
+        row = [0] * (len(r) + 1)                    # LCS, one row of the table at a time
+        for x in h:
+            previous_diagonal = 0
+            for j, y in enumerate(r, start=1):
+                previous_diagonal, row[j] = row[j], (previous_diagonal + 1 if x == y
+                                                     else max(row[j], row[j - 1]))
+        matches = row[-1]
+    else:
+        h, r = ([tuple(words[i:i + n]) for i in range(len(words) - n + 1)] for words in (h, r))
+        matches = sum((collections.Counter(h) & collections.Counter(r)).values())
+    return 0.0 if matches == 0 else 2 * matches / (len(h) + len(r))
+
+
+def rouge_rewards(completions: list[str], references: list[list[str]], n: int | None) -> torch.Tensor:
+    """r_i = max over references of rouge_f1(completion_i, reference, n)."""
+    return torch.tensor([max(rouge_f1(c, ref, n) for ref in refs)
+                         for c, refs in zip(completions, references)])
+
+
+REWARDS.update(rouge1=functools.partial(rouge_rewards, n=1), rouge2=functools.partial(rouge_rewards, n=2),
+               rouge_l=functools.partial(rouge_rewards, n=None))
+
+
+def corpus_scores(predictions: list[str], references: list[list[str]]) -> dict:
+    """sacrebleu's corpus BLEU, chrF and TER, ROUGE-1/2/L (mean sentence F1 x 100), their
+    average ("avg", with 100 - TER so that higher is better) and WER, with BLEU's signature."""
+    from sacrebleu.metrics import BLEU, CHRF, TER
+    most = max(len(r) for r in references)
+    # sacrebleu takes one stream per reference position; None marks "no n-th reference here".
+    streams = [[r[k] if k < len(r) else None for r in references] for k in range(most)]
+    bleu = BLEU()
+    scores = {"bleu": bleu.corpus_score(predictions, streams).score,
+              "chrf": CHRF().corpus_score(predictions, streams).score,
+              "ter": TER().corpus_score(predictions, streams).score}
+    for name in ("rouge1", "rouge2", "rouge_l"):
+        scores[name] = 100 * REWARDS[name](predictions, references).mean().item()
+    higher_is_better = {**scores, "ter": 100 - scores["ter"]}
+    scores["avg"] = sum(higher_is_better.values()) / len(higher_is_better)
+    return {**scores, "wer": word_error_rate(predictions, references),
+            "signature": str(bleu.get_signature())}
 
 
 def edit_distance(hypothesis: list | str, reference: list | str) -> int:
