@@ -13,7 +13,7 @@ Measures, in one run so that ratios are comparable on a noisy machine:
 
     python bench.py --memory               # no model runs: the real checkpoints' memory
 
-prints what the 2B and 8B checkpoints need per GPU (the table in the README): parameters from
+prints what the 2B and 8B checkpoints need per GPU (the table in docs/real_models.md): parameters from
 the real architectures built on the meta device (no weights, no download), weights, reference
 copy, gradients and AdamW state as grpo_speech.memory_report counts them, and the activations
 the log-prob pass keeps for backward, measured by a saved-tensors hook on the meta device
@@ -41,6 +41,10 @@ parser.add_argument("--device", default="auto")
 parser.add_argument("--dtype", default="float32")
 parser.add_argument("--threads", type=int, default=0)
 parser.add_argument("--memory", action="store_true", help="print the real checkpoints' memory table and stop")
+parser.add_argument("--real", choices=("2b", "8b"), help="time real-size GRPO steps (random weights) and stop")
+parser.add_argument("--layers", type=int, default=40, help="--real: LLM and encoder depth (40 = the real LLM's)")
+parser.add_argument("--narrow", action="store_true",
+                    help="--real: narrow widths and short sequences, for a CPU smoke run")
 args = parser.parse_args()
 
 # ------------------------------------------------- 0. memory of the real checkpoints (--memory)
@@ -54,20 +58,41 @@ ENCODER = dict(num_layers=16, hidden_dim=1024, num_heads=8, dim_head=128, feedfo
 PROJECTOR = dict(hidden_size=1024, encoder_hidden_size=1024, intermediate_size=4096,
                  num_attention_heads=16, num_hidden_layers=2)
 PROMPT, COMPLETION = 256, 200       # the paper's maximum prompt and completion lengths (tokens)
-# The README's commands per GPU: 2 prompts x G = 8 sampled at once, log-probs 4 sequences a pass.
+# docs/real_models.md: the commands per GPU: 2 prompts x G = 8 sampled at once, log-probs 4 sequences a pass.
 ROLLOUT_SEQUENCES, MICRO_BATCH = 2 * 8, 4
 
 
-def real_model(size: str, layers: int = 40, lora_rank: int = 0):
-    import transformers.masking_utils
-    from transformers import GraniteSpeechConfig, GraniteSpeechForConditionalGeneration
-    # The mask helper asks whether the mask is all ones (.item()), which meta tensors cannot say.
-    transformers.masking_utils.fast_all = lambda mask: True
+# Granite 3.3's multipliers and logits scaling (as data/make_real_shape.py sets them).
+GRANITE_3_3 = dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625,
+                   logits_scaling=8.0)
+# --narrow: the same architecture, narrow enough for a CPU smoke run of --real.
+NARROW = {"llm": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2),
+          "encoder": dict(hidden_dim=64, num_heads=2, dim_head=32),
+          "projector": dict(hidden_size=64, encoder_hidden_size=64, intermediate_size=128, num_attention_heads=2)}
+
+
+def real_config(size: str, layers: int = 40, narrow: bool = False):
+    """The config of ibm-granite/granite-speech-3.3-<size> (from the values above), `layers`
+    deep (LLM; the encoder at most its own 16)."""
+    from transformers import GraniteSpeechConfig
     config = GraniteSpeechConfig.from_pretrained(gs.DATA_DIR / "granite-speech-tiny")
-    for part, values in ((config.text_config, {**LLM, **REAL[size], "num_hidden_layers": layers}),
-                         (config.encoder_config, ENCODER), (config.projector_config, PROJECTOR)):
+    shrink = NARROW if narrow else {"llm": {}, "encoder": {}, "projector": {}}
+    for part, values in ((config.text_config, {**LLM, **REAL[size], **GRANITE_3_3, **shrink["llm"],
+                                               "num_hidden_layers": layers}),
+                         (config.encoder_config, {**ENCODER, **shrink["encoder"],
+                                                  "num_layers": min(layers, ENCODER["num_layers"])}),
+                         (config.projector_config, {**PROJECTOR, **shrink["projector"]})):
         for key, value in values.items():
             setattr(part, key, value)
+    return config
+
+
+def real_model(size: str, layers: int = 40, lora_rank: int = 0, narrow: bool = False):
+    import transformers.masking_utils
+    from transformers import GraniteSpeechForConditionalGeneration
+    # The mask helper asks whether the mask is all ones (.item()), which meta tensors cannot say.
+    transformers.masking_utils.fast_all = lambda mask: True
+    config = real_config(size, layers, narrow)
     with torch.device("meta"):
         model = GraniteSpeechForConditionalGeneration(config).float()
         model.model.encoder.requires_grad_(False)
@@ -151,6 +176,166 @@ def cpu_check():
 if args.memory:
     memory_table()
     cpu_check()
+    raise SystemExit
+
+
+# ------------------------------------ 0b. real-size GRPO steps on random weights (--real 2b / 8b)
+# (dtype, --lora_rank, --micro_batch_size, --gradient_checkpointing): the README's setting first.
+REAL_SETTINGS = [("float32", 0, 4, True), ("float32", 0, 2, True), ("float32", 0, 8, True),
+                 ("float32", 0, 4, False), ("float32", 64, 4, True), ("bfloat16", 0, 4, True),
+                 ("bfloat16", 64, 4, True)]
+
+
+class IdsTokenizer:
+    """Random weights answer random tokens: the rollout scores them as strings of token ids."""
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def synthetic_batch(model, prompts: int, narrow: bool, device) -> gs.Batch:
+    """P prompts at the paper's lengths: a clip of 10-20 s (log-mel features, 50 stacked frames
+    a second, at most 200 audio tokens) inside 40 text tokens; --narrow: 1-2 s and 8 tokens."""
+    config, generator = model.config, torch.Generator().manual_seed(0)
+    audio_id, pad = config.audio_token_id, config.text_config.pad_token_id
+    rows, features = [], []
+    for p in range(prompts):
+        seconds = (1 + p % 2) if narrow else (10 + 10 * p / max(prompts - 1, 1))
+        frames = int(50 * seconds)
+        features.append(torch.randn(frames, 160, generator=generator).to(device))
+        audio_tokens = -(-frames // config.window_size) * (config.window_size // config.downsample_rate)
+        text = torch.randint(audio_id + 1, config.text_config.vocab_size, (8 if narrow else 40,),
+                             generator=generator)
+        rows.append(torch.cat([text[:4], torch.full((audio_tokens,), audio_id), text[4:]]))
+    length = max(len(r) for r in rows)
+    input_ids = torch.stack([torch.cat([torch.full((length - len(r),), pad), r]) for r in rows])
+    audio_tokens = [(r == audio_id).sum().item() for r in rows]
+    audio_mask = torch.arange(max(audio_tokens))[None, :] < torch.tensor(audio_tokens)[:, None]
+    examples = [{"task": "ast", "translation": [" ".join(map(str, text.tolist()))], "where": f"synthetic:{p}"}
+                for p in range(prompts)]
+    return gs.Batch(examples, input_ids.to(device), (input_ids != pad).long().to(device), features,
+                    audio_mask.to(device))
+
+
+def real_size_model(cfg, narrow: bool, device):
+    """A random-init model of the real architecture, built on the device, with a random LoRA
+    audio adapter merged as load_model merges the real one, then prepared as load_model does."""
+    import tempfile
+    from safetensors.torch import save_file
+    from transformers import GraniteSpeechForConditionalGeneration
+    torch.manual_seed(0)
+    config = real_config(args.real, args.layers, narrow)
+    with torch.device(device):
+        model = GraniteSpeechForConditionalGeneration(config).to(getattr(torch, cfg.dtype))
+    llm = model.model.language_model
+    adapter = {}
+    for layer in range(config.text_config.num_hidden_layers):
+        for module in ("q_proj", "v_proj"):
+            linear = getattr(llm.layers[layer].self_attn, module)
+            key = f"base_model.model.model.language_model.layers.{layer}.self_attn.{module}"
+            adapter[f"{key}.lora_A.weight"] = torch.randn(8, linear.in_features) * 0.01
+            adapter[f"{key}.lora_B.weight"] = torch.randn(linear.out_features, 8) * 0.01
+    with tempfile.TemporaryDirectory() as folder:
+        save_file(adapter, f"{folder}/adapter_model.safetensors")
+        with open(f"{folder}/adapter_config.json", "w") as f:
+            f.write('{"r": 8, "lora_alpha": 16}')
+        gs.merge_audio_adapter(model, folder)
+    gs.choose_trainable(model, cfg)
+    # The audio token is never sampled (suppressed): as EOS it makes every answer full length.
+    model.config.text_config.eos_token_id = model.config.audio_token_id
+    return model
+
+
+def estimate(size, layers, dtype, lora_rank, micro_batch, checkpointing, prompts, group_size) -> float:
+    """bench.py --memory's estimate for this setting, in GB (activations for 256 + 200 tokens)."""
+    model = real_model(size, layers, lora_rank, args.narrow)
+    count = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def kept(n, ckpt):                  # bytes one sequence keeps with n layers
+        return saved_bytes(real_model(size, n, lora_rank, args.narrow), ckpt)
+    activations = kept(1, checkpointing) + (layers - 1) * (kept(2, checkpointing) - kept(1, checkpointing))
+    if checkpointing:             # one layer recomputed at a time keeps its whole activations
+        activations += kept(2, False) - kept(1, False)
+    text = model.config.text_config
+    kv_cache = (2 * layers * text.num_key_value_heads * 4 * (PROMPT + COMPLETION) * prompts * group_size
+                * text.hidden_size // text.num_attention_heads)
+    scale = {"float32": 4, "bfloat16": 2}[dtype]
+    return (scale * count * (1 if lora_rank else 2) + 3 * scale * trainable
+            + (micro_batch * activations + kv_cache) * scale / 4) / 1e9
+
+
+def real_step_table():
+    """Times two GRPO steps (one to warm up) per setting with grpo_speech's own grpo_step, and
+    prints each row as soon as it is measured: a run cut off still leaves its rows."""
+    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    prompts, completion = (1, 16) if args.narrow else (2, COMPLETION)
+    processor = type("Processor", (), {"tokenizer": IdsTokenizer()})()
+    print(f"bench --real {args.real}: {args.layers} layers{', narrow' if args.narrow else ''}, {device}, "
+          f"P={prompts} x G={args.group_size}, answers of {completion} tokens; seconds of the second step",
+          flush=True)
+    print(f"{'dtype':<9} {'trains':<9} {'micro':>5} {'ckpt':>4} {'step':>7} {'rollout':>7} {'forward':>7} "
+          f"{'backward':>8} {'ref':>6} {'optim':>6} {'tok/s':>6} {'peak GB':>8} {'reserved':>8} {'estimate':>8}",
+          flush=True)
+    for dtype, lora_rank, micro_batch, checkpointing in REAL_SETTINGS:
+        cfg = gs.Config(batch_size=prompts, group_size=args.group_size, max_completion_length=completion,
+                        micro_batch_size=micro_batch, gradient_checkpointing=checkpointing,
+                        lora_rank=lora_rank, dtype=dtype, eps_high=0.2)
+        name = f"{dtype:<9} {f'LoRA {lora_rank}' if lora_rank else 'LLM':<9} {micro_batch:>5} {'on' if checkpointing else 'off':>4}"
+        guess = estimate(args.real, args.layers, dtype, lora_rank, micro_batch, checkpointing, prompts, args.group_size)
+        policy = base = optimizer = None
+        try:
+            policy = real_size_model(cfg, args.narrow, device)
+            base = policy if lora_rank else copy.deepcopy(policy).eval().requires_grad_(False)
+            optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
+            batch = synthetic_batch(policy, prompts, args.narrow, device)
+            gs.grpo_step(cfg, policy, base, processor, optimizer, batch, gs.Timer())     # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            timer, start = gs.Timer(), time.perf_counter()
+            metrics, _ = gs.grpo_step(cfg, policy, base, processor, optimizer, batch, timer)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            wall, t = time.perf_counter() - start, timer.seconds
+            if device.type == "cuda":
+                peak, reserved = torch.cuda.max_memory_allocated() / 1e9, torch.cuda.max_memory_reserved() / 1e9
+            else:
+                peak, reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, float("nan")
+            tokens = metrics["completion_tokens"] * prompts * args.group_size
+            print(f"{name} {wall:>7.2f} {t['rollout']:>7.2f} {t['forward']:>7.2f} {t['backward']:>8.2f} "
+                  f"{t.get('reference', 0):>6.2f} {t['optimizer']:>6.2f} {tokens / t['rollout']:>6.0f} "
+                  f"{peak:>8.2f} {reserved:>8.2f} {guess:>8.2f}", flush=True)
+        except torch.OutOfMemoryError:
+            print(f"{name} out of memory{'':>58} {guess:>8.2f}", flush=True)
+        del policy, base, optimizer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    encoder_share(device, prompts)
+
+
+@torch.no_grad()
+def encoder_share(device, prompts):
+    """The encoder's time on P clips (encode once) against P x G copies (re-encoding)."""
+    cfg = gs.Config(batch_size=prompts, group_size=args.group_size)
+    model = real_size_model(cfg, args.narrow, device)
+    batch = synthetic_batch(model, prompts, args.narrow, device)
+    copies = gs.Batch(batch.examples, batch.input_ids, batch.attention_mask,
+                      [f for f in batch.input_features for _ in range(args.group_size)], batch.audio_mask)
+    seconds = []
+    for b in (batch, batch, copies):                 # the first call warms up
+        start = time.perf_counter()
+        gs.encode_audio(model, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    print(f"encoder, float32: {seconds[1]:.2f} s on the P clips (encode once), {seconds[2]:.2f} s on "
+          f"P x G copies", flush=True)
+
+
+if args.real:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    real_step_table()
     raise SystemExit
 
 cfg = gs.check_config(gs.Config(task=args.task, model=args.model, batch_size=args.batch_size,

@@ -452,8 +452,14 @@ def load_model(cfg: Config, device):
         cfg.model, dtype=dtype, use_safetensors=True, **options).to(device)
     if model.config.has_lora_adapter or getattr(model, "_hf_peft_config_loaded", False):
         merge_audio_adapter(model, cfg.model)       # the real checkpoints' audio LoRA (Part III)
+    choose_trainable(model, cfg)
+    return processor, model
+
+
+def choose_trainable(model, cfg: Config) -> None:
+    """What trains: the whole LLM, or only a new LoRA on it (--lora_rank); never the speech
+    encoder, and the projector only under --train_projector."""
     model.eval()
-    # What trains: the whole LLM, or only a new LoRA on it; never the speech encoder.
     model.model.language_model.requires_grad_(not cfg.lora_rank)
     model.lm_head.requires_grad_(not cfg.lora_rank)
     if cfg.lora_rank:
@@ -462,7 +468,6 @@ def load_model(cfg: Config, device):
     model.model.projector.requires_grad_(cfg.train_projector)
     if cfg.gradient_checkpointing:
         model.model.language_model.activation_checkpointing_enable()
-    return processor, model
 
 
 def set_train_mode(model, train_projector: bool) -> None:
@@ -750,9 +755,10 @@ def train(cfg: Config) -> dict:
             with run.timer("data"):
                 batch = make_batch(examples, run.processor, run.device)
             with run.stop_if_diverged(step + 1):
-                if cfg.algo == "sft":
-                    rollout, metrics = None, sft_step(cfg, run.policy, run.processor, run.optimizer,
-                                                      batch, run.timer, random.Random(cfg.seed * 7919 + step))
+                if cfg.algo == "sft":       # the step's own seeded pick among the references
+                    rollout, rng = None, random.Random(cfg.seed * 7919 + step)
+                    metrics = sft_step(cfg, run.policy, run.processor, run.optimizer, batch,
+                                       run.timer, rng)
                 else:
                     metrics, rollout = grpo_step(cfg, run.policy, run.base_model, run.processor,
                                                  run.optimizer, batch, run.timer)

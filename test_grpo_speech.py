@@ -1184,3 +1184,30 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(sma
     assert any((w1[k] - base[k].float()).abs().max() > 1e-5 for k in w1)          # it trained
     results = [json.loads((tmp_path / d / "results.json").read_text()) for d in ("single", "ddp")]
     assert results[1]["after"]["greedy"]["bleu"] == pytest.approx(results[0]["after"]["greedy"]["bleu"])
+
+
+@pytest.mark.slow
+def test_bench_real_size_steps_run_and_report_every_setting():
+    """bench.py --real: the real architecture (random weights, 2 layers, narrow) through
+    grpo_step for every setting, each row with its phases and the memory estimate."""
+    import subprocess
+    run = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--real", "2b", "--layers", "2",
+                          "--device", "cpu", "--narrow", "--threads", "2"],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {}
+    for line in run.stdout.splitlines():
+        if line.startswith(("float32", "bfloat16")):
+            words = line.split()
+            assert "out" not in words, line
+            step, rollout, forward, backward, ref, optim, tokens_per_s, _, _, guess = map(float, words[-10:])
+            phases = rollout + forward + backward + ref + optim           # printed to 0.01 s each
+            assert 0.3 * step < phases <= step + 0.03 and tokens_per_s > 0
+            rows[(words[0], words[1], words[-12], words[-11])] = guess     # dtype, trains, micro, ckpt
+    assert len(rows) == 7
+    # The estimate: LoRA below the whole LLM (no reference copy, few trainable weights), bf16
+    # below float32, and without checkpointing more than with it.
+    assert rows[("float32", "LoRA", "4", "on")] < rows[("float32", "LLM", "4", "on")]
+    assert rows[("bfloat16", "LLM", "4", "on")] < rows[("float32", "LLM", "4", "on")]
+    assert rows[("float32", "LLM", "4", "off")] > rows[("float32", "LLM", "4", "on")]
+    assert "encoder, float32:" in run.stdout
