@@ -338,10 +338,13 @@ if args.real:
     real_step_table()
     raise SystemExit
 
-cfg = gs.check_config(gs.Config(task=args.task, model=args.model, batch_size=args.batch_size,
-                                group_size=args.group_size, device=args.device, dtype=args.dtype,
-                                max_completion_length=args.max_completion_length,
-                                threads=args.threads))
+try:
+    cfg = gs.check_config(gs.Config(task=args.task, model=args.model, batch_size=args.batch_size,
+                                    group_size=args.group_size, device=args.device, dtype=args.dtype,
+                                    max_completion_length=args.max_completion_length,
+                                    threads=args.threads))
+except gs.UsageError as error:
+    raise SystemExit(f"error: {error}")
 device = gs.setup_device(cfg)
 if cfg.threads:
     torch.set_num_threads(cfg.threads)

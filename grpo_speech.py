@@ -40,6 +40,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -721,13 +722,14 @@ def evaluate(model, processor, examples: list[dict], cfg: Config, greedy: bool, 
     model.eval()
     predictions = []
     device = next(model.parameters()).device
-    shard = examples[rank()::world()]              # under torchrun each process answers a share
+    shard = list(range(rank(), len(examples), world()))   # under torchrun each process a share
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed + rank())
         for start in tqdm(range(0, len(shard), cfg.eval_batch_size), leave=False, disable=rank() > 0,
                           desc="eval greedy" if greedy else "eval sampled", file=sys.stderr):
-            chunk = shard[start:start + cfg.eval_batch_size]
-            batch = make_batch(chunk, processor, device, replacement_audio(chunk, cfg.eval_audio))
+            indices = shard[start:start + cfg.eval_batch_size]
+            batch = make_batch([examples[i] for i in indices], processor, device,
+                               replacement_audio(examples, indices, cfg.eval_audio))
             ids = sample(model, batch, encode_audio(model, batch), 1, cfg.max_completion_length,
                          cfg.eval_temperature, cfg.eval_top_p, greedy=greedy)
             mask = completion_mask(ids, model.config.text_config.eos_token_id)
@@ -814,22 +816,42 @@ def check_config(cfg: Config) -> Config:
     cfg.sft_batch_size = cfg.sft_batch_size or cfg.batch_size * cfg.group_size
     cfg.eps_high = cfg.eps if cfg.eps_high < 0 else cfg.eps_high
     toy = DATA_DIR / ("ast" if cfg.task == "asr" else cfg.task)   # AST clips have transcripts
-    cfg.train = cfg.train or str(toy / "train.jsonl")
-    cfg.test = cfg.test or str(toy / "test.jsonl")
-    cfg.dev = cfg.dev or str(toy / "dev.jsonl")
-    cfg.output_dir = cfg.output_dir or str(ROOT / "runs" / f"{cfg.task}-{cfg.algo}-seed{cfg.seed}")
+    # Absolute paths: run.json must mean the same files when resumed from another directory.
     needed = ["test"]                             # --steps 0 only evaluates
     if cfg.steps:
         needed = ["train", "test"] + (["dev"] if cfg.eval_every else [])
-    for name in needed:
-        if not Path(getattr(cfg, name)).is_file():
-            raise UsageError(f"--{name} {getattr(cfg, name)}: manifest file not found")
+    for name, default in (("train", toy / "train.jsonl"), ("test", toy / "test.jsonl"),
+                          ("dev", toy / "dev.jsonl"),
+                          ("output_dir", ROOT / "runs" / f"{cfg.task}-{cfg.algo}-seed{cfg.seed}")):
+        path = Path(getattr(cfg, name) or default).expanduser()
+        if name in needed and not path.is_file():
+            raise UsageError(f"--{name} {getattr(cfg, name) or default}: " + (
+                "a directory, not a manifest file" if path.is_dir() else "manifest file not found"))
+        setattr(cfg, name, str(path.resolve()))
+    check_model_path(cfg)
+    return cfg
+
+
+# The files a checkpoint directory needs (any one of each group), as transformers loads them.
+CHECKPOINT_FILES = (("config.json",), ("model.safetensors", "model.safetensors.index.json"),
+                    ("processor_config.json", "preprocessor_config.json"),
+                    ("tokenizer.json", "tokenizer_config.json"))
+
+
+def check_model_path(cfg: Config) -> None:
+    """--model: a complete checkpoint directory (made absolute), or a hub id."""
     model = Path(cfg.model).expanduser()
     # "runs/x/final" with a typo is a path, not the hub id "runs/x": its first part exists here.
     if not model.is_dir() and (not re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.model)
                                or Path(model.parts[0]).exists()):
         raise UsageError(f"--model {cfg.model}: no such checkpoint directory (nor a hub id like org/name)")
-    return cfg
+    if model.is_dir():
+        missing = [group[0] for group in CHECKPOINT_FILES if not any((model / f).is_file() for f in group)]
+        if missing:
+            hint = " (a run's model is in its final/ or checkpoint-*/)" if (model / "final").is_dir() else ""
+            raise UsageError(f"--model {cfg.model}: not a complete checkpoint directory, no "
+                             f"{', '.join(missing)}{hint}")
+        cfg.model = str(model.resolve())
 
 
 def load_manifest(path: str | Path, default_task: str) -> list[dict]:
@@ -888,8 +910,13 @@ def ensure_audio(examples: list[dict]) -> None:
     data/make_data.py); a user's missing file is an error."""
     missing = [ex for ex in examples if not os.path.isfile(ex["audio_path"])]
     toy = [ex for ex in missing if Path(ex["audio_path"]).is_relative_to(DATA_DIR)]
-    if toy:
-        subprocess.run([sys.executable, str(DATA_DIR / "make_data.py"), "--synthesize"], check=True)
+    if all_sum(len(toy)) > 0:           # under torchrun one process makes them, the rest wait
+        if rank() == 0 and subprocess.run([sys.executable, str(DATA_DIR / "make_data.py"),
+                                           "--synthesize"]).returncode:
+            raise UsageError("synthesizing the toy audio failed (its message is above); "
+                             "python data/make_data.py --synthesize retries it")
+        if world() > 1:
+            torch.distributed.barrier()
         missing = [ex for ex in missing if not os.path.isfile(ex["audio_path"])]
     if missing:
         raise UsageError(f"{missing[0]['where']}: audio file not found: {missing[0]['audio_path']}"
@@ -902,6 +929,8 @@ def ensure_audio(examples: list[dict]) -> None:
         except Exception as error:
             raise UsageError(f"{where}: cannot read audio {path} ({error})") from None
         check_duration(info.frames / info.samplerate, path, where)
+        if info.subtype in ("FLOAT", "DOUBLE"):     # only float samples can be NaN: read them now
+            load_audio(path, where)
 
 
 def load_audio(path: str, where: str = "") -> torch.Tensor:
@@ -912,6 +941,7 @@ def load_audio(path: str, where: str = "") -> torch.Tensor:
     resampled with torchaudio, and clips longer than MAX_AUDIO_SECONDS are an error rather than
     silently truncated (the encoder has no hard limit, but memory and the LLM's context do).
     """
+    import numpy as np
     import soundfile
     where = where or path
     try:
@@ -920,6 +950,8 @@ def load_audio(path: str, where: str = "") -> torch.Tensor:
         raise UsageError(f"{where}: cannot read audio {path} ({error})") from None
     if data.size == 0:
         raise UsageError(f"{where}: audio {path} has no samples")
+    if not np.isfinite(data).all():                 # a float WAV can hold NaN or inf samples
+        raise UsageError(f"{where}: audio {path} has NaN or infinite samples")
     check_duration(len(data) / rate, path, where)
     samples = torch.from_numpy(data).mean(dim=1)       # (samples, channels) -> (samples,)
     if rate != SAMPLING_RATE:
@@ -959,6 +991,13 @@ class Run:
     def __init__(self, cfg: Config):
         from contextlib import ExitStack
         self.cfg, self.timer, self.files = cfg, Timer(), ExitStack()
+        try:
+            self.set_up(cfg)
+        except BaseException:
+            self.files.close()                   # the output directory's lock goes with the run
+            raise
+
+    def set_up(self, cfg: Config) -> None:
         self.device = setup_device(cfg)
         self.is_main = rank() == 0         # under torchrun only the first process writes and prints
         if not self.is_main:
@@ -967,10 +1006,12 @@ class Run:
             torch.set_num_threads(cfg.threads)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed + rank())   # each process samples its own prompts' groups
-        self.output_dir = prepare_output_dir(cfg) if self.is_main else Path(cfg.output_dir)
+        self.output_dir, old = claim_output_dir(cfg, self.files) if self.is_main else (Path(cfg.output_dir), [])
         self.train_examples, self.test_examples, self.dev_examples = load_data(cfg)
+        for path in old:            # --overwrite_output_dir, once every input has been checked
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.processor, self.policy = load_model(cfg, self.device)
-        self.results = {"config": dataclasses.asdict(cfg), "before": {}, "after": {}}
+        self.results = {"config": dataclasses.asdict(cfg), "world_size": world(), "before": {}, "after": {}}
         self.start_step, self.seconds_before = 0, 0.0
         self.batch_size = cfg.sft_batch_size if cfg.algo == "sft" else cfg.batch_size
         if cfg.steps:
@@ -1069,13 +1110,17 @@ class Run:
             if groups:
                 self.progress.write(format_group(groups[0]))
         stopping = all_sum(self.stop.requested) > 0            # every process stops at this step
+        if stopping and step == cfg.steps:       # nothing is left to train: finish as usual
+            print("stop requested at the last step: writing final/, then the final evaluation "
+                  "(Ctrl-C again to skip it)", file=sys.stderr)
+            stopping = False
         if stopping or (cfg.save_every and step % cfg.save_every == 0):
             saved = save_checkpoint(self.output_dir, step, self.policy, self.processor,
                                     self.optimizer, self.scheduler, cfg)
             if stopping:
                 self.progress.close()
-                raise TrainingStopped(f"interrupted: saved {saved}; continue with: python "
-                                      f"grpo_speech.py --resume {shlex.quote(str(saved))}")
+                raise TrainingStopped(f"interrupted: saved {saved}; continue with: "
+                                      f"{resume_command(saved, world())}")
 
     def finish(self) -> dict:
         """final/ (written before the long evaluation), the test scores after training (and of
@@ -1096,8 +1141,7 @@ class Run:
         results["timing"] = timing_summary(self.timer, steps_run, train_seconds)
         if self.is_main:
             write_predictions(self.output_dir / "predictions.jsonl", self.test_examples, results)
-            with open(self.output_dir / "results.json", "w", encoding="utf-8") as f:
-                json.dump(results, f, indent=1)
+            write_atomically(self.output_dir / "results.json", json.dumps(results, indent=1))
             print_summary(results, cfg)
         return results
 
@@ -1109,8 +1153,8 @@ class Run:
                    "eval": evaluate_modes(self.policy, self.processor, self.test_examples, cfg)}
         print_eval(f"{cfg.model}, {cfg.eval_audio}", results["eval"], self.test_examples, cfg.examples)
         if self.is_main:
-            with open(self.output_dir / "results.json", "w", encoding="utf-8") as f:
-                json.dump(results, f, indent=1, ensure_ascii=False)
+            write_atomically(self.output_dir / "results.json",
+                             json.dumps(results, indent=1, ensure_ascii=False))
             print(f"evaluated {len(self.test_examples)} clips in {time.perf_counter() - start:.0f} s;"
                   f" wrote {self.output_dir}/results.json")
         return results
@@ -1120,9 +1164,11 @@ RUN_FILES = ("metrics.jsonl", "completions.jsonl", "results.json", "base_eval.js
              "predictions.jsonl", "final", "best")
 
 
-def prepare_output_dir(cfg: Config) -> Path:
-    """A fresh run never mixes with, or silently deletes, another run's files; and it fails
-    now, not after an hour of training, if its results cannot be written."""
+def claim_output_dir(cfg: Config, owned) -> tuple[Path, list[Path]]:
+    """The run's output directory, writable and locked for the run's life (the lock's release
+    goes on `owned`, an ExitStack), and the old files --overwrite_output_dir will delete once
+    the inputs are checked. Another run's files are refused, also when resuming from a
+    checkpoint of another directory; the model to evaluate or continue is never deleted."""
     output_dir = Path(cfg.output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -1130,28 +1176,98 @@ def prepare_output_dir(cfg: Config) -> Path:
         (output_dir / ".write-test").unlink()
     except OSError as error:
         raise UsageError(f"--output_dir {output_dir}: cannot write there ({error.strerror})") from None
+    owned.callback(lock_output_dir(output_dir).unlink, missing_ok=True)
     old = [p for p in output_dir.iterdir() if p.name in RUN_FILES] + checkpoints(output_dir)
-    if old and not cfg.resume:
-        if not cfg.overwrite_output_dir:
-            raise UsageError(f"--output_dir {output_dir} holds another run's files "
-                             f"({', '.join(sorted(p.name for p in old)[:3])}, ...): continue it with "
-                             f"--resume last, replace it with --overwrite_output_dir, or choose "
-                             f"another --output_dir")
-        for path in old:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return output_dir
+    # The checkpoint's own run (wherever the checkpoint lies) may continue in its directory.
+    own_run = cfg.resume and Path(json.loads((Path(cfg.resume) / "run.json").read_text())
+                                  ["config"]["output_dir"]).resolve() == output_dir.resolve()
+    if not old or own_run:
+        return output_dir, []
+    if not cfg.overwrite_output_dir:
+        raise UsageError(f"--output_dir {output_dir} holds another run's files "
+                         f"({', '.join(sorted(p.name for p in old)[:3])}, ...): "
+                         + ("continue it with --resume last, " if not cfg.resume else "")
+                         + "replace it with --overwrite_output_dir, or choose another --output_dir")
+    model = Path(cfg.model).resolve()
+    if any(model == p.resolve() or p.resolve() in model.parents for p in old):
+        raise UsageError(f"--model {cfg.model} is inside --output_dir {output_dir}, whose old files "
+                         f"--overwrite_output_dir would delete: choose another --output_dir")
+    return output_dir, old
+
+
+def lock_output_dir(output_dir: Path) -> Path:
+    """A run owns its output directory: .lock holds its process id and host, and a second run
+    meets a one-line error. The lock of a run that was killed (its process gone) is taken over."""
+    lock, me = output_dir / ".lock", {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = json_or_none(lock.read_text()) or {}
+            if not owner.get("pid") or owner.get("host") == me["host"] and not process_alive(owner["pid"]):
+                lock.unlink(missing_ok=True)                 # a killed run's lock
+                continue
+            raise UsageError(f"--output_dir {output_dir} is in use by another run (process "
+                             f"{owner['pid']} on {owner.get('host')}); wait for it or choose another "
+                             f"--output_dir (if that run is gone, delete {lock})") from None
+        with os.fdopen(descriptor, "w") as f:
+            json.dump(me, f)
+        return lock
+    raise UsageError(f"--output_dir {output_dir}: cannot take its lock {lock}")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                 # alive, another user's
+        return True
+    return True
+
+
+class OutputError(TrainingStopped):
+    """A write that failed (a full disk, permissions): one line naming what was kept."""
+    def __init__(self, path: Path, error: Exception):
+        self.error = error = getattr(error, "error", error)       # the first cause, if re-raised
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        kept = checkpoints(path.parent)
+        super().__init__(f"cannot write {path} ({reason}); nothing half-written was left. "
+                         + (f"Kept: {kept[-1]}" if kept else "No checkpoint was kept (--save_every)"))
 
 
 def save_model(model, processor, directory: Path, save_dtype: str = "auto") -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    if save_dtype in ("float32", "bfloat16"):
-        model = copy.deepcopy(model).to(getattr(torch, save_dtype))
-    model.save_pretrained(directory, state_dict=plain_state_dict(model), safe_serialization=True)
-    processor.save_pretrained(directory)
-    umask = os.umask(0)
-    os.umask(umask)
-    for file in directory.iterdir():    # safetensors writes 0600; make it like the other files
-        file.chmod(0o666 & ~umask)
+    """A plain checkpoint, written to a temporary directory and renamed: a failed write leaves
+    the previous one (or none), never half of one."""
+    tmp = directory.with_name(f".tmp-{directory.name}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if save_dtype in ("float32", "bfloat16"):
+            model = copy.deepcopy(model).to(getattr(torch, save_dtype))
+        model.save_pretrained(tmp, state_dict=plain_state_dict(model), safe_serialization=True)
+        processor.save_pretrained(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        for file in tmp.iterdir():      # safetensors writes 0600; make it like the other files
+            file.chmod(0o666 & ~umask)
+    except Exception as error:          # OSError, or safetensors' own error for a full disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(directory, error) from None
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A file written whole or not at all (a temporary file, then a rename)."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(path, error) from None
+    os.replace(tmp, path)
 
 
 def keep_best(policy, processor, step: int, dev_bleu: float, output_dir: Path) -> None:
@@ -1176,23 +1292,31 @@ def save_checkpoint(output_dir: Path, step: int, policy, processor, optimizer, s
     if rank() > 0:
         return final
     tmp = output_dir / f".tmp-checkpoint-{step:06d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_model(policy, processor, tmp)
-    if cfg.lora_rank:           # to resume: the LoRA itself, not only the merged model
-        from safetensors.torch import save_file
-        save_file({n: p.detach().contiguous() for n, p in policy.named_parameters() if p.requires_grad},
-                  tmp / "trainable.safetensors")
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": rng}
-    torch.save(state, tmp / "trainer_state.pt")
-    (tmp / "run.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}))
+    try:
+        save_model(policy, processor, tmp)
+        if cfg.lora_rank:           # to resume: the LoRA itself, not only the merged model
+            from safetensors.torch import save_file
+            save_file({n: p.detach().contiguous() for n, p in policy.named_parameters() if p.requires_grad},
+                      tmp / "trainable.safetensors")
+        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": rng}
+        torch.save(state, tmp / "trainer_state.pt")
+        (tmp / "run.json").write_text(json.dumps({"step": step, "world_size": world(),
+                                                  "config": dataclasses.asdict(cfg)}))
+    except Exception as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(final, error) from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     for old in checkpoints(output_dir)[:-cfg.keep_checkpoints]:
         shutil.rmtree(old)
     return final
+
+
+def resume_command(checkpoint: Path, processes: int) -> str:
+    launcher = "python" if processes == 1 else f"torchrun --nproc_per_node {processes}"
+    return f"{launcher} grpo_speech.py --resume {shlex.quote(str(checkpoint))}"
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -1214,6 +1338,9 @@ def resume_config(cfg: Config, given: set[str]) -> Config:
         path = found[-1]
     else:
         path = Path(cfg.resume)
+    if (path / "config.json").is_file() and not (path / "run.json").is_file():
+        raise UsageError(f"--resume {path}: a model, not a resumable checkpoint (no run.json); "
+                         f"to train it further, start a run with --model {path}")
     # Cheap checks here, before anything loads (the weights only by their header and size);
     # trainer_state.pt is checked where it is loaded (restore), so nothing is read twice.
     for name, check in (("run.json", lambda f: json.loads(f.read_text())),
@@ -1232,6 +1359,11 @@ def resume_config(cfg: Config, given: set[str]) -> Config:
         print(f"resume: options given again override the checkpoint's: {', '.join(changed)}",
               file=sys.stderr)
     cfg = dataclasses.replace(cfg, **restored, resume=str(path))
+    processes, now = saved.get("world_size", 1), int(os.environ.get("WORLD_SIZE", 1))
+    if processes != now:                     # another world size is another global batch
+        raise UsageError(f"--resume {path}: the run had {processes} process(es), a global batch "
+                         f"of {processes * cfg.batch_size} prompts; this one has {now}. Continue it "
+                         f"with: {resume_command(path, processes)}")
     if saved["step"] >= cfg.steps:
         raise UsageError(f"--resume {path}: the checkpoint is at step {saved['step']} and "
                          f"--steps is {cfg.steps}: nothing left to train (raise --steps)")
@@ -1259,6 +1391,9 @@ def resumed_policy(cfg: Config, policy, checkpoint: Path, device):
     if not cfg.lora_rank:
         return load_model(dataclasses.replace(cfg, model=str(checkpoint)), device)[1]
     from safetensors.torch import load_file
+    if not (checkpoint / "trainable.safetensors").is_file() and (checkpoint / "model.safetensors").is_file():
+        raise UsageError(f"--resume {checkpoint}: a checkpoint of the whole LLM, not of a LoRA: "
+                         f"continue it without --lora_rank, or start a LoRA run with --model {checkpoint}")
     try:
         trainable = load_file(checkpoint / "trainable.safetensors")
     except Exception as error:
@@ -1639,14 +1774,18 @@ def word_error_rate(predictions: list[str], references: list[list[str]]) -> floa
     return 100.0 * errors / max(total, 1)
 
 
-def replacement_audio(examples: list[dict], kind: str) -> list[torch.Tensor] | None:
-    """The listening checks: what the model hears instead of each example's own clip.
-    "silence": 1 s of zeros; "shuffled": the clip of the next example (a wrong but real clip);
-    "speech": None, the examples' own clips."""
+def replacement_audio(examples: list[dict], indices: list[int], kind: str) -> list[torch.Tensor] | None:
+    """The listening checks: what the model hears instead of the clips of examples[i], i in
+    indices. "silence": 1 s of zeros; "shuffled": the clip of the next example of the whole
+    list (a wrong but real clip, whatever the batch size); "speech": None, their own clips."""
     if kind == "silence":
-        return [torch.zeros(SAMPLING_RATE) for _ in examples]
+        return [torch.zeros(SAMPLING_RATE) for _ in indices]
     if kind == "shuffled":
-        return [load_audio(ex["audio_path"], ex["where"]) for ex in examples[1:] + examples[:1]]
+        if len(examples) < 2:
+            raise UsageError("--eval_audio shuffled needs at least 2 test clips (it plays each "
+                             "example another example's clip)")
+        others = [examples[(i + 1) % len(examples)] for i in indices]
+        return [load_audio(ex["audio_path"], ex["where"]) for ex in others]
     return None
 
 
@@ -1658,14 +1797,15 @@ def evaluate_modes(model, processor, examples: list[dict], cfg: Config) -> dict:
 def write_predictions(path: Path, examples: list[dict], results: dict) -> None:
     """One line per test clip: references and every model's answers, to read what it says.
     The predictions then leave results.json, which keeps only the scores."""
-    with open(path, "w", encoding="utf-8") as f:
-        for index, example in enumerate(examples):
-            row = {"where": example["where"], "references": references_of(example)}
-            for when in ("before", "after", "best"):
-                for mode in ("sampled", "greedy"):
-                    if "predictions" in results.get(when, {}).get(mode, {}):
-                        row[f"{when}_{mode}"] = results[when][mode]["predictions"][index]
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    rows = []
+    for index, example in enumerate(examples):
+        row = {"where": example["where"], "references": references_of(example)}
+        for when in ("before", "after", "best"):
+            for mode in ("sampled", "greedy"):
+                if "predictions" in results.get(when, {}).get(mode, {}):
+                    row[f"{when}_{mode}"] = results[when][mode]["predictions"][index]
+        rows.append(json.dumps(row, ensure_ascii=False) + "\n")
+    write_atomically(path, "".join(rows))
     for when in ("before", "after", "best"):
         for mode in ("sampled", "greedy"):
             results.get(when, {}).get(mode, {}).pop("predictions", None)
@@ -1732,19 +1872,28 @@ def parse_args(argv=None) -> tuple[Config, set[str]]:
 
 
 def main(argv=None) -> int:
+    cfg = None
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)   # SIGTERM as Ctrl-C
     try:
         cfg = check_config(resume_config(*parse_args(argv)))
         train(cfg)
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:           # once, not once per process
+            print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingStopped as error:
         print(f"stopped: {error}", file=sys.stderr)
         return 1
+    except OSError as error:            # e.g. the disk filled while a log line was written
+        print(f"stopped: cannot write {error.filename or 'the output'} ({error.strerror})", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("\nstopped: interrupted (final/ is written before the final evaluation)", file=sys.stderr)
+        final = cfg and (Path(cfg.output_dir) / "final").is_dir() and cfg.steps
+        print("\nstopped: interrupted" + (" (the trained model is in final/)" if final else ""),
+              file=sys.stderr)
         return 130
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0

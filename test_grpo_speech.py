@@ -710,6 +710,8 @@ def test_an_output_dir_with_another_runs_files_is_refused(tmp_path, monkeypatch,
     (["--examples", "-1"], "--examples must be at least 0"),
     (["--log_every", "-1"], "--log_every must be at least 0"),
     (["--model", "data/granite-speech-tinyy"], "no such checkpoint directory"),
+    (["--model", "data"], "not a complete checkpoint directory, no config.json, model.safetensors"),
+    (["--train", "data"], "--train data: a directory, not a manifest file"),
 ] + ([(["--device", "cuda"], "no CUDA GPU")] if not torch.cuda.is_available() else []))
 def test_bad_options_are_rejected_before_any_model_loads(options, message, capsys, monkeypatch):
     def no_model(*args, **kwargs):
@@ -863,9 +865,19 @@ def test_steps_0_evaluates_only_and_listening_checks(small_data, tmp_path, capsy
     # One second of silence gives every clip the same audio, so the same greedy answer.
     assert len(set(silent["predictions"])) == 1
     assert "WER" in capsys.readouterr().out
-    shuffled = gs.replacement_audio(gs.load_manifest(small_data["test"], "ast")[:3], "shuffled")
-    first = gs.load_audio(gs.load_manifest(small_data["test"], "ast")[1]["audio_path"])
-    assert torch.equal(shuffled[0], first)
+    examples = gs.load_manifest(small_data["test"], "ast")[:3]
+    shuffled = gs.replacement_audio(examples, [0, 2], "shuffled")         # the next one, wrapped
+    assert torch.equal(shuffled[0], gs.load_audio(examples[1]["audio_path"]))
+    assert torch.equal(shuffled[1], gs.load_audio(examples[0]["audio_path"]))
+    # A batch of one still hears another clip (issue 21, case 11).
+    for name, audio in (("speech-1", "speech"), ("shuffled-1", "shuffled")):
+        assert run_cli(small_data, tmp_path / name, "--steps", "0", "--eval_limit", "4",
+                       "--eval_batch_size", "1", "--eval_audio", audio) == 0
+    own, other = (json.loads((tmp_path / n / "results.json").read_text())["eval"]["greedy"]["predictions"]
+                  for n in ("speech-1", "shuffled-1"))
+    assert own != other
+    with pytest.raises(gs.UsageError, match="needs at least 2 test clips"):
+        gs.replacement_audio(examples[:1], [0], "shuffled")
 
 
 @pytest.mark.slow
@@ -1211,3 +1223,178 @@ def test_bench_real_size_steps_run_and_report_every_setting():
     assert rows[("bfloat16", "LLM", "4", "on")] < rows[("float32", "LLM", "4", "on")]
     assert rows[("float32", "LLM", "4", "off")] > rows[("float32", "LLM", "4", "on")]
     assert "encoder, float32:" in run.stdout
+
+
+
+# ---------------------------------------------------------------------------------------------
+# A run owns its output directory, checks everything before it deletes, and writes whole files
+# ---------------------------------------------------------------------------------------------
+def test_nan_samples_in_a_float_wav_are_named_before_the_model_loads(tmp_path, monkeypatch):
+    samples = sine()
+    samples[100] = float("nan")
+    write_wav(tmp_path / "nan.wav", samples, subtype="FLOAT")
+    write_wav(tmp_path / "ok.wav", sine(), subtype="FLOAT")
+    manifest = write_manifest(tmp_path / "m.jsonl", [{"audio": "ok.wav", "translation": ["a"]},
+                                                     {"audio": "nan.wav", "translation": ["b"]}])
+    with pytest.raises(gs.UsageError, match=r"m.jsonl:2: audio .*nan.wav has NaN or infinite samples"):
+        gs.ensure_audio(gs.load_manifest(manifest, "ast"))
+
+
+def test_a_runs_output_dir_is_not_a_model_and_resume_names_what_to_do(small_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(small_data, out, "--steps", "1", "--save_every", "1", "--skip_base_eval",
+                   "--eval_limit", "1") == 0
+    assert json.loads((out / "results.json").read_text())["world_size"] == 1
+    saved = json.loads((out / "checkpoint-000001" / "run.json").read_text())
+    assert saved["world_size"] == 1 and Path(saved["config"]["output_dir"]).is_absolute()
+    capsys.readouterr()
+    cases = [(["--steps", "0", "--model", str(out)], "not a complete checkpoint directory, no "
+              "config.json, model.safetensors, processor_config.json, tokenizer.json (a run's model is in its final/"),
+             (["--resume", str(out / "final")], "a model, not a resumable checkpoint (no run.json); "
+              f"to train it further, start a run with --model {out / 'final'}"),
+             (["--resume", str(out / "checkpoint-000001"), "--steps", "3", "--lora_rank", "4"],
+              "a checkpoint of the whole LLM, not of a LoRA")]
+    for options, message in cases:
+        assert gs.main(options) == 2, options
+        error = capsys.readouterr().err.strip().splitlines()[-1]       # after the resume note
+        assert error.startswith("error: ") and message in error, error
+    # Another world size is another global batch: refused, with the command that continues it.
+    run_json = out / "checkpoint-000001" / "run.json"
+    run_json.write_text(json.dumps({**saved, "world_size": 2}))
+    assert gs.main(["--resume", str(out / "checkpoint-000001"), "--steps", "3"]) == 2
+    assert ("the run had 2 process(es), a global batch of 4 prompts; this one has 1. Continue it "
+            f"with: torchrun --nproc_per_node 2 grpo_speech.py --resume {out / 'checkpoint-000001'}"
+            ) in capsys.readouterr().err
+    assert gs.resume_command(Path("a b"), 1) == "python grpo_speech.py --resume 'a b'"
+
+
+def run_files(folder):
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def test_nothing_is_deleted_or_overwritten_before_every_input_is_checked(small_data, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        assert run_cli(small_data, out, "--steps", "2", "--save_every", "1", "--skip_base_eval",
+                       "--eval_limit", "1") == 0
+    finished = run_files(b)
+    capsys.readouterr()
+    bad = write_manifest(tmp_path / "bad.jsonl", ['{"audio": "x.wav", "translation": ["a"]}', "{oops"])
+    cases = [  # resuming run A into run B; replacing B with a bad manifest; evaluating B's model into B
+        (["--resume", str(a / "checkpoint-000001"), "--output_dir", str(b)], f"--output_dir {b} holds another run's files"),
+        (["--resume", str(a / "checkpoint-000001"), "--output_dir", str(b), "--overwrite_output_dir",
+          "--train", str(bad)], "bad.jsonl:2: not valid JSON"),
+        (["--train", str(bad), "--test", small_data["test"], "--output_dir", str(b), "--overwrite_output_dir"],
+         "bad.jsonl:2: not valid JSON"),
+        (["--steps", "0", "--model", str(b / "final"), "--test", small_data["test"], "--output_dir", str(b),
+          "--overwrite_output_dir"], f"is inside --output_dir {b}, whose old files --overwrite_output_dir would delete")]
+    for options, message in cases:
+        assert gs.main(options) == 2, options
+        error = capsys.readouterr().err.strip().splitlines()[-1]       # after the resume note
+        assert error.startswith("error: ") and message in error, error
+        assert run_files(b) == finished                 # B untouched, its lock released
+    assert not (b / ".lock").exists()
+
+
+def test_a_second_run_into_a_busy_output_dir_is_refused_and_a_stale_lock_taken_over(small_data, tmp_path, capsys):
+    import socket
+    import subprocess
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    assert run_cli(small_data, out, "--steps", "1", "--skip_base_eval", "--eval_limit", "1") == 2
+    assert f"--output_dir {out} is in use by another run (process {os.getppid()}" in capsys.readouterr().err
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / ".lock").write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname()}))
+    assert run_cli(small_data, out, "--steps", "1", "--skip_base_eval", "--eval_limit", "1") == 0
+    assert (out / "final").is_dir() and not (out / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_relative_output_dir_resumes_into_the_same_folder_from_anywhere(small_data, tmp_path, monkeypatch):
+    (tmp_path / "here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert run_cli(small_data, "rel", "--steps", "2", "--save_every", "1", "--skip_base_eval",
+                   "--eval_limit", "1") == 0
+    shutil.rmtree(tmp_path / "here" / "rel" / "checkpoint-000002")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert gs.main(["--resume", str(tmp_path / "here" / "rel" / "checkpoint-000001")]) == 0
+    assert [m["step"] for m in read_metrics(tmp_path / "here" / "rel")] == [1, 2]
+    assert not any((tmp_path / "elsewhere").iterdir())
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_last_step_finishes_the_run(small_data, tmp_path, monkeypatch, capsys):
+    import signal
+    real_step, calls = gs.grpo_step, []
+
+    def ctrl_c_in_step_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(gs, "grpo_step", ctrl_c_in_step_two)
+    assert run_cli(small_data, tmp_path, "--steps", "2", "--skip_base_eval", "--eval_limit", "1") == 0
+    assert "stop requested at the last step: writing final/" in capsys.readouterr().err
+    assert (tmp_path / "final").is_dir() and (tmp_path / "results.json").is_file()
+    assert not list(tmp_path.glob("checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_nothing_half_written(small_data, tmp_path, monkeypatch, capsys):
+    real_state, calls = gs.plain_state_dict, []
+
+    def disk_full_on_second_save(model):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_state(model)
+    monkeypatch.setattr(gs, "plain_state_dict", disk_full_on_second_save)
+    assert run_cli(small_data, tmp_path, "--save_every", "1", "--skip_base_eval", "--eval_limit", "1") == 1
+    error = capsys.readouterr().err
+    assert (f"stopped: cannot write {tmp_path / 'checkpoint-000002'} (No space left on device); nothing "
+            f"half-written was left. Kept: {tmp_path / 'checkpoint-000001'}") in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000001", "completions.jsonl", "metrics.jsonl"]
+    calls.clear()
+    calls.append(1)                                  # now the next save (final/) fails
+    assert run_cli(small_data, tmp_path / "b", "--steps", "1", "--skip_base_eval", "--eval_limit", "1") == 1
+    assert "cannot write" in capsys.readouterr().err and not (tmp_path / "b" / "final").exists()
+    assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".tmp")]
+
+
+TORCHRUN_AUDIO = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import grpo_speech as gs
+torch.distributed.init_process_group("gloo")
+gs.ensure_audio(gs.load_manifest({manifest!r}, "ast"))
+print("rank", gs.rank(), "ok")
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_on_a_fresh_clone_makes_the_toy_audio_once(tmp_path):
+    """Two processes find a toy clip missing (and a stray non-JSON manifest in data/): one
+    synthesizes it, the other waits; both go on."""
+    import subprocess
+    example = gs.load_manifest(DATA / "ast" / "test.jsonl", "ast")[0]
+    clip, stray = Path(example["audio_path"]), DATA / "ast" / "zz-stray-test.jsonl"
+    original = clip.read_bytes()
+    runner = tmp_path / "runner.py"
+    runner.write_text(TORCHRUN_AUDIO.format(root=str(ROOT), manifest=str(DATA / "ast" / "test.jsonl")))
+    try:
+        stray.write_text("this is not JSON\n")
+        clip.unlink()
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              "--nproc_per_node", "2", str(runner)], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "rank 0 ok" in run.stdout and "rank 1 ok" in run.stdout
+        assert run.stderr.count("Synthesizing 1 missing toy clips") == 1
+        assert "zz-stray-test.jsonl:1: not JSON (1 such lines skipped)" in run.stderr
+        assert clip.read_bytes() == original
+    finally:
+        stray.unlink(missing_ok=True)
+        if not clip.exists():
+            clip.write_bytes(original)

@@ -988,9 +988,19 @@ def synthesize_missing(manifest_paths, workers=None):
     """Make every clip a toy manifest lists but the disk lacks (first use after a clone)."""
     jobs = []
     for path in manifest_paths:
-        with open(path, encoding="utf-8") as f:
-            lines = [json.loads(line) for line in f if line.strip()]
-        jobs += manifest_jobs(Path(path), [line for line in lines if "tts" in line], True)
+        lines, skipped = [], []
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, text in enumerate(f, start=1):
+                try:
+                    line = json.loads(text) if text.strip() else None
+                except json.JSONDecodeError:       # not a toy manifest line: not ours to make
+                    skipped.append(number)
+                    continue
+                if isinstance(line, dict) and isinstance(line.get("tts"), dict) and "audio" in line:
+                    lines.append(line)
+        if skipped:
+            print(f"{path}:{skipped[0]}: not JSON ({len(skipped)} such lines skipped)", file=sys.stderr)
+        jobs += manifest_jobs(Path(path), lines, True)
     if jobs:
         print(f"Synthesizing {len(jobs)} missing toy clips with eSpeak NG (once).", file=sys.stderr)
         synthesize(jobs, workers)
