@@ -1398,3 +1398,15 @@ def test_torchrun_on_a_fresh_clone_makes_the_toy_audio_once(tmp_path):
         stray.unlink(missing_ok=True)
         if not clip.exists():
             clip.write_bytes(original)
+
+
+def test_sigterm_outside_training_stops_like_ctrl_c(small_data, tmp_path, monkeypatch, capsys):
+    import signal
+
+    def terminated(*args, **kwargs):                 # what a scheduler sends mid-evaluation
+        os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(gs, "evaluate", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_cli(small_data, tmp_path, "--steps", "0", "--eval_limit", "1") == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "stopped: interrupted"
+    assert signal.getsignal(signal.SIGTERM) is before            # main puts the handler back
