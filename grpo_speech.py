@@ -623,11 +623,19 @@ def sample_groups(cfg: Config, policy, processor, batch: Batch) -> Rollout:
                    references=[refs for refs in batch.references for _ in range(G)])
 
 
-def answer_log_probs(model, rollout: Rollout, temperature: float) -> torch.Tensor:
-    """log pi(o_t | q, o_<t) of every answer token of these rows under `model`: (B, T)."""
+def answer_log_probs(model, rollout: Rollout, temperature: float,
+                     entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(o_t | q, o_<t) of every answer token of these rows under `model`: (B, T); and
+    with entropy=True the entropy of each next-token distribution, (B, T), detached: how
+    sure the policy is, logged as TRL logs it (None otherwise)."""
     logits = completion_logits(model, rollout.prompt_ids, rollout.prompt_mask, rollout.audio_embeds,
                                rollout.audio_mask, rollout.completion_ids)
-    return token_log_probs(logits, rollout.completion_ids, rollout.completion_mask, temperature)
+    logp = token_log_probs(logits, rollout.completion_ids, rollout.completion_mask, temperature)
+    if not entropy:
+        return logp, None
+    with torch.no_grad():
+        log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+        return logp, -(log_probs.exp() * log_probs).sum(dim=-1) * rollout.completion_mask
 
 
 def micro_batches(rows: int, size: int) -> list[slice]:
@@ -657,7 +665,7 @@ def grpo_step(cfg: Config, policy, base_model, processor, optimizer, batch: Batc
     # 4. Log-probs under the frozen base model, for the KL penalty.
     if cfg.beta > 0:
         with timer("reference"), torch.no_grad(), lora_off(base_model):
-            rollout.base_logp = torch.cat([answer_log_probs(base_model, rollout[rows], cfg.temperature)
+            rollout.base_logp = torch.cat([answer_log_probs(base_model, rollout[rows], cfg.temperature)[0]
                                            for rows in parts])
     # 5. Policy update(s). The first pass's log-probs are the old policy's: ratio 1 in it.
     set_train_mode(policy, cfg.train_projector)
@@ -667,14 +675,14 @@ def grpo_step(cfg: Config, policy, base_model, processor, optimizer, batch: Batc
         for rows in parts:
             part = rollout[rows]
             with timer("forward"):
-                logp = answer_log_probs(policy, part, cfg.temperature)           # (rows, T)
+                logp, entropy = answer_log_probs(policy, part, cfg.temperature, entropy=True)
                 loss, diagnostics = grpo_loss(
                     logp, logp.detach() if old_logp is None else old_logp[rows], part.base_logp,
                     part.advantages, part.completion_mask, off_policy=part.off_policy,
                     eps=cfg.eps, eps_high=cfg.eps_high, beta=cfg.beta, loss_type=cfg.loss_type,
                     policy_shaping=cfg.policy_shaping, normalizer=normalizer)
             backward(loss, timer)
-            passes.append((loss.item(), diagnostics, part))
+            passes.append((loss.item(), {**diagnostics, "entropy": entropy}, part))
             new_logp.append(logp.detach())
         old_logp = torch.cat(new_logp) if old_logp is None else old_logp
         grad_norm = optimizer_step(policy, optimizer, cfg.max_grad_norm, timer)
@@ -1638,8 +1646,9 @@ def grpo_metrics(rollout: Rollout, passes: list[tuple[float, dict, Rollout]], gr
     """A GRPO step's logged numbers over the global batch (sums over processes): the loss (its
     passes' sum), the reward's mean and spread over sampled answers (MP-GRPO's injected
     references left out), the grad norm, the answers' mean length in tokens, the share of groups
-    whose rewards are all equal (no signal), and grpo_loss's diagnostics, each weighted by the
-    tokens it is a mean over: ratio and clip fraction sampled ones, KL all."""
+    whose rewards are all equal (no signal), grpo_loss's diagnostics, each weighted by the
+    tokens it is a mean over (ratio and clip fraction sampled ones, KL all), and the policy's
+    mean next-token entropy over the sampled answers' tokens."""
     mask = rollout.completion_mask
     on_policy = rollout.rewards[~rollout.off_policy.cpu()].double()
     n, total = all_sum(len(on_policy)), all_sum(on_policy.sum().item())
@@ -1654,6 +1663,9 @@ def grpo_metrics(rollout: Rollout, passes: list[tuple[float, dict, Rollout]], gr
                     * (~part.off_policy).unsqueeze(1)).sum().item() for _, _, part in passes]
         weighted = sum(diagnostics[name] * w for (_, diagnostics, _), w in zip(passes, weights))
         metrics[name] = all_sum(weighted) / max(all_sum(sum(weights)), 1.0)
+    sampled = [(d["entropy"], part.completion_mask * (~part.off_policy).unsqueeze(1)) for _, d, part in passes]
+    metrics["entropy"] = (all_sum(sum((e * m).sum().item() for e, m in sampled))     # nats per token
+                          / max(all_sum(sum(m.sum().item() for _, m in sampled)), 1.0))
     return metrics
 
 

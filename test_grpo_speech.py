@@ -124,6 +124,20 @@ def test_grpo_loss_ppo_cases_value_and_gradient():
     assert diagnostics["ratio"] == pytest.approx(ratios.mean().item(), abs=1e-6)
 
 
+def test_answer_entropy_by_hand(monkeypatch):
+    # Uniform over 4 tokens: log 4 nats; one sure token (logit 100): 0; padding: 0.
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 1, 2] = 100.0
+    monkeypatch.setattr(gs, "completion_logits", lambda model, *args: logits)
+    rollout = gs.Rollout(*[None] * 4, completion_ids=torch.tensor([[0, 2, 1]]),
+                         completion_mask=torch.tensor([[1.0, 1.0, 0.0]]), off_policy=torch.zeros(1, dtype=torch.bool),
+                         completions=["x"], references=[["x"]])
+    logp, entropy = gs.answer_log_probs(None, rollout, temperature=1.0, entropy=True)
+    assert torch.allclose(entropy, torch.tensor([[math.log(4), 0.0, 0.0]]), atol=1e-6)
+    assert torch.allclose(logp, torch.tensor([[-math.log(4), 0.0, 0.0]]), atol=1e-6)
+    assert gs.answer_log_probs(None, rollout, temperature=1.0)[1] is None
+
+
 def test_grpo_loss_separate_upper_clip():
     logp = torch.log(torch.tensor([[1.25]])).requires_grad_(True)
     loss, _ = gs.grpo_loss(logp, torch.zeros_like(logp), None, torch.tensor([1.0]),
@@ -777,7 +791,7 @@ def test_cli_trains_evaluates_and_saves(algo, small_data, tmp_path, capsys):
     assert all(math.isfinite(v) for m in metrics for v in m.values() if isinstance(v, float))
     if algo != "sft":
         assert all(0.0 <= m["reward"] <= 1.0 and m["ratio"] == 1.0 and m["clip_fraction"] == 0.0
-                   for m in metrics)
+                   and 0.0 < m["entropy"] < math.log(1024) for m in metrics)   # the tiny vocabulary
     from transformers import GraniteSpeechForConditionalGeneration
     model = GraniteSpeechForConditionalGeneration.from_pretrained(tmp_path / "final")
     assert sum(p.numel() for p in model.parameters()) > 1_000_000
