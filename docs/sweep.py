@@ -9,7 +9,8 @@ Every run is `python grpo_speech.py --task ast <its options> --seed S --threads 
 in <name>-seed<S>.log); a run whose results.json exists is not run again, so the sweep can be
 stopped and continued in another session. The table shows the dev-best step and dev BLEU
 (greedy), test BLEU sampled / greedy of the last and of the dev-best model, and the last
-step's answer length (tokens), KL and entropy.
+25 steps' mean answer length in tokens (SFT: the reference answers'), the policy's entropy
+over the sampled tokens (first 25 steps > last 25) and the KL to the base (last 25).
 """
 import argparse
 import json
@@ -50,21 +51,25 @@ def run(name: str, seed: int) -> None:
 
 
 def table(names: list[str], seeds: list[int]) -> None:
-    print(f"{'run':<22} {'dev best':>12} {'last: sampled / greedy':>23} {'best: sampled / greedy':>23} "
-          f"{'tokens':>6} {'kl':>6} {'entropy':>7}")
+    print(f"{'run':<20} {'dev best':>11} {'last: sampled / greedy':>23} {'best: sampled / greedy':>23} "
+          f"{'tokens':>12} {'entropy':>12} {'kl':>6}")
     for name in names:
         for seed in seeds:
             out = FOLDER / f"{name}-seed{seed}"
             if not (out / "results.json").is_file():
                 continue
             results = json.loads((out / "results.json").read_text())
-            last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+            steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+            def mean(key, part):            # over the first or the last 25 steps (one batch is noisy)
+                rows = steps[:25] if part == "first" else steps[-25:]
+                return sum(r.get(key, float("nan")) for r in rows) / len(rows)
             after, best = results["after"], results.get("best", results["after"])
             dev = f"{best.get('dev_bleu', float('nan')):.2f} @{best.get('step', '-')}"
-            print(f"{name + f' s{seed}':<22} {dev:>12} {after['sampled']['bleu']:>11.2f} / {after['greedy']['bleu']:<9.2f}"
+            print(f"{name + f' s{seed}':<20} {dev:>11} {after['sampled']['bleu']:>11.2f} / {after['greedy']['bleu']:<9.2f}"
                   f"{best['sampled']['bleu']:>13.2f} / {best['greedy']['bleu']:<9.2f}"
-                  f"{last['completion_tokens']:>6.2f} {last.get('kl', float('nan')):>6.3f} "
-                  f"{last.get('entropy', float('nan')):>7.3f}")
+                  f"{mean('completion_tokens', 'first'):>5.2f} > {mean('completion_tokens', 'last'):<6.2f}"
+                  f"{mean('entropy', 'first'):>5.3f} > {mean('entropy', 'last'):<5.3f} {mean('kl', 'last'):>6.3f}")
 
 
 if __name__ == "__main__":
