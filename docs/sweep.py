@@ -10,7 +10,8 @@ in <name>-seed<S>.log); a run whose results.json exists is not run again, so the
 stopped and continued in another session. The table shows the dev-best step and dev BLEU
 (greedy), test BLEU sampled / greedy of the last and of the dev-best model, the mean answer
 length in tokens (first 25 steps > last 25; SFT: the reference answers'), the policy's entropy
-over the sampled tokens (first 25 > last 25) and the KL to the base (last 25).
+over the sampled tokens (first 25 > last 25), the KL to the base (last 25) and the mean words
+of the last model's greedy test answers.
 Configurations with two or more finished seeds get a second table: the mean +- std over the
 seeds of the last model's test BLEU, and the mean words of its greedy answers.
 """
@@ -67,9 +68,15 @@ def run(task: str, name: str, seed: int) -> None:
                        stdout=log, stderr=subprocess.STDOUT)
 
 
+def greedy_words(out: Path) -> float:
+    """Mean words of the last model's greedy test answers."""
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    return sum(len(row["after_greedy"].split()) for row in rows) / len(rows)
+
+
 def table(task: str, names: list[str], seeds: list[int]) -> None:
-    print(f"{'run':<20} {'dev best':>11} {'last: sampled / greedy':>23} {'best: sampled / greedy':>23} "
-          f"{'tokens':>12} {'entropy':>12} {'kl':>6}")
+    print(f"{'run':<22} {'dev best':>11} {'last: sampled / greedy':>23} {'best: sampled / greedy':>23} "
+          f"{'tokens':>12} {'entropy':>12} {'kl':>6} {'words':>6}")
     for name in names:
         for seed in seeds:
             out = ROOT / "runs" / "sweep" / task / f"{name}-seed{seed}"
@@ -83,16 +90,16 @@ def table(task: str, names: list[str], seeds: list[int]) -> None:
                 return sum(r.get(key, float("nan")) for r in rows) / len(rows)
             after, best = results["after"], results.get("best", results["after"])
             dev = f"{best.get('dev_bleu', float('nan')):.2f} @{best.get('step', '-')}"
-            print(f"{name + f' s{seed}':<20} {dev:>11} {after['sampled']['bleu']:>11.2f} / {after['greedy']['bleu']:<9.2f}"
+            print(f"{name + f' s{seed}':<22} {dev:>11} {after['sampled']['bleu']:>11.2f} / {after['greedy']['bleu']:<9.2f}"
                   f"{best['sampled']['bleu']:>13.2f} / {best['greedy']['bleu']:<9.2f}"
                   f"{mean('completion_tokens', 'first'):>5.2f} > {mean('completion_tokens', 'last'):<6.2f}"
-                  f"{mean('entropy', 'first'):>5.3f} > {mean('entropy', 'last'):<5.3f} {mean('kl', 'last'):>6.3f}")
+                  f"{mean('entropy', 'first'):>5.3f} > {mean('entropy', 'last'):<5.3f} {mean('kl', 'last'):>6.3f} {greedy_words(out):>6.2f}")
 
 
 
 def seed_means(task: str, names: list[str], seeds: list[int]) -> None:
     """Mean +- std over the finished seeds: test BLEU of the last model and its greedy words."""
-    print(f"\n{'config':<20} {'seeds':>5} {'sampled':>15} {'greedy':>15} {'greedy words':>13}")
+    print(f"\n{'config':<22} {'seeds':>5} {'sampled':>15} {'greedy':>15} {'greedy words':>13}")
     for name in names:
         outs = [ROOT / "runs" / "sweep" / task / f"{name}-seed{seed}" for seed in seeds]
         outs = [out for out in outs if (out / "results.json").is_file()]
@@ -103,11 +110,8 @@ def seed_means(task: str, names: list[str], seeds: list[int]) -> None:
         for mode in ("sampled", "greedy"):
             scores = [a[mode]["bleu"] for a in after]
             cells.append(f"{statistics.mean(scores):.2f} ± {statistics.stdev(scores):.2f}")
-        words = []
-        for out in outs:
-            rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-            words.append(sum(len(r["after_greedy"].split()) for r in rows) / len(rows))
-        print(f"{name:<20} {len(outs):>5} {cells[0]:>15} {cells[1]:>15} {statistics.mean(words):>13.2f}")
+        words = [greedy_words(out) for out in outs]
+        print(f"{name:<22} {len(outs):>5} {cells[0]:>15} {cells[1]:>15} {statistics.mean(words):>13.2f}")
 
 
 if __name__ == "__main__":
