@@ -55,14 +55,17 @@ ALL_RUNS = {**RUNS, **SECOND_ROUND}
 RUNS_OF_TASK = {"ast": list(ALL_RUNS), "sqa": list(RUNS)}
 
 
+def run_dir(task: str, name: str, seed: int) -> Path:
+    return ROOT / "runs" / "sweep" / task / f"{name}-seed{seed}"
+
+
 def run(task: str, name: str, seed: int) -> None:
-    folder = ROOT / "runs" / "sweep" / task
-    out = folder / f"{name}-seed{seed}"
+    out = run_dir(task, name, seed)
     if (out / "results.json").is_file():
         return
-    folder.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     options = [option.format(half_steps=HALF_STEPS[task]) for option in ALL_RUNS[name]]
-    with open(folder / f"{name}-seed{seed}.log", "w") as log:
+    with open(out.with_name(out.name + ".log"), "w") as log:
         subprocess.run([sys.executable, str(ROOT / "grpo_speech.py"), "--task", task, *COMMON, *options,
                         "--seed", str(seed), "--output_dir", str(out), "--overwrite_output_dir"],
                        stdout=log, stderr=subprocess.STDOUT)
@@ -79,7 +82,7 @@ def table(task: str, names: list[str], seeds: list[int]) -> None:
           f"{'tokens':>12} {'entropy':>12} {'kl':>6} {'words':>6}")
     for name in names:
         for seed in seeds:
-            out = ROOT / "runs" / "sweep" / task / f"{name}-seed{seed}"
+            out = run_dir(task, name, seed)
             if not (out / "results.json").is_file():
                 continue
             results = json.loads((out / "results.json").read_text())
@@ -96,12 +99,11 @@ def table(task: str, names: list[str], seeds: list[int]) -> None:
                   f"{mean('entropy', 'first'):>5.3f} > {mean('entropy', 'last'):<5.3f} {mean('kl', 'last'):>6.3f} {greedy_words(out):>6.2f}")
 
 
-
 def seed_means(task: str, names: list[str], seeds: list[int]) -> None:
     """Mean +- std over the finished seeds: test BLEU of the last model and its greedy words."""
     print(f"\n{'config':<22} {'seeds':>5} {'sampled':>15} {'greedy':>15} {'greedy words':>13}")
     for name in names:
-        outs = [ROOT / "runs" / "sweep" / task / f"{name}-seed{seed}" for seed in seeds]
+        outs = [run_dir(task, name, seed) for seed in seeds]
         outs = [out for out in outs if (out / "results.json").is_file()]
         if len(outs) < 2:
             continue
