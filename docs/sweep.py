@@ -24,7 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMON = ["--threads", "1", "--skip_base_eval", "--eval_every", "50", "--dev_limit", "100"]
+# G = 8 and lr 5e-5 for both sides were the defaults when the sweep ran (the defaults are now
+# its picks: G = 12, SFT lr 2e-4): every run keeps them unless its own options say otherwise
+# (the last option given counts).
+COMMON = ["--threads", "1", "--skip_base_eval", "--eval_every", "50", "--dev_limit", "100",
+          "--group_size", "8", "--lr", "5e-5"]
 HALF_STEPS = {"ast": "200", "sqa": "100"}       # the batch-doubling runs: the same number of answers
 # The same budget of configurations for each side (learning rate, batch and the side's own
 # knobs); "equal-data" is SFT on as many distinct prompts per step as GRPO (4, one answer each).
@@ -42,9 +46,9 @@ RUNS = {                       # GRPO and SFT alternate, so that a cut-off sweep
     "grpo-lr1e-4": ["--lr", "1e-4"],
     "sft-lr1e-4": ["--algo", "sft", "--lr", "1e-4"],
 }
-# A second round, run on AST only, after the first pointed at length and entropy: a larger
-# group, Dr. GRPO with a larger beta; for SFT the next learning rate up, and 1e-4 with the
-# larger batch.
+# A second round, after the first pointed at length and entropy: a larger group, Dr. GRPO
+# with a larger beta; for SFT the next learning rate up, and 1e-4 with the larger batch. On
+# SQA only the two picks of AST's second round ran (one more configuration for each side).
 SECOND_ROUND = {
     "grpo-g12": ["--group_size", "12"],
     "sft-lr2e-4": ["--algo", "sft", "--lr", "2e-4"],
@@ -52,7 +56,7 @@ SECOND_ROUND = {
     "sft-lr1e-4-batch64": ["--algo", "sft", "--lr", "1e-4", "--sft_batch_size", "64", "--steps", "{half_steps}"],
 }
 ALL_RUNS = {**RUNS, **SECOND_ROUND}
-RUNS_OF_TASK = {"ast": list(ALL_RUNS), "sqa": list(RUNS)}
+RUNS_OF_TASK = {"ast": list(ALL_RUNS), "sqa": [*RUNS, "grpo-g12", "sft-lr2e-4"]}
 
 
 def run_dir(task: str, name: str, seed: int) -> Path:
