@@ -1896,6 +1896,8 @@ def main(argv=None) -> int:
     try:
         cfg = check_config(resume_config(*parse_args(argv)))
         train(cfg)
+        if world() > 1:       # leave together: no process tears down gloo under a busy peer
+            torch.distributed.barrier()
     except UsageError as error:
         if int(os.environ.get("RANK", 0)) == 0:           # once, not once per process
             print(f"error: {error}", file=sys.stderr)

@@ -1181,6 +1181,17 @@ sys.exit(gs.main(sys.argv[1:]))
 '''
 
 
+def torchrun(*args, **kwargs):
+    """`torchrun --standalone` on the CPU (gloo); a failed run's assertion shows what the
+    processes themselves wrote, not only torchrun's summary of who failed."""
+    import subprocess
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", *args],
+                         capture_output=True, text=True, **kwargs)
+    own = run.stderr.split("Traceback (most recent call last):\n  File \"<frozen runpy>\"")[0]
+    assert run.returncode == 0, own[-3000:]
+    return run
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(small_data, tmp_path):
     import subprocess
@@ -1193,10 +1204,8 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(sma
     single = subprocess.run([sys.executable, str(runner), *common, "--batch_size", "4",
                              "--output_dir", str(tmp_path / "single")], env=env, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-2000:]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(runner), *common, "--batch_size", "2", "--output_dir", str(tmp_path / "ddp")],
-                         env=env, capture_output=True, text=True)
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    torchrun("--nproc_per_node", "2", str(runner), *common, "--batch_size", "2", "--output_dir",
+             str(tmp_path / "ddp"), env=env)
     one, two = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
     assert [m["step"] for m in two] == [1, 2]                      # written once, by rank 0
     assert one[0]["grad_norm"] > 0
@@ -1400,10 +1409,8 @@ def test_torchrun_on_a_fresh_clone_makes_the_toy_audio_once(tmp_path):
     try:
         stray.write_text("this is not JSON\n")
         clip.unlink()
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              "--nproc_per_node", "2", str(runner)], capture_output=True, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-        assert run.returncode == 0, run.stderr[-2000:]
+        run = torchrun("--nproc_per_node", "2", str(runner), env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       timeout=600)
         assert "rank 0 ok" in run.stdout and "rank 1 ok" in run.stdout
         assert run.stderr.count("Synthesizing 1 missing toy clips") == 1
         assert "zz-stray-test.jsonl:1: not JSON (1 such lines skipped)" in run.stderr
