@@ -6,7 +6,7 @@ For each run and each model in it (before / after training): the mean length in 
 greedy answers; how many greedy answers are closer (sentence BLEU) to one of the line's other
 correct renderings or wordings (the toy manifests' other_translations / other_answers, never
 scored) than to its reference; and corpus BLEU, sampled and greedy, on the lines with and
-without other renderings.
+without other renderings. docs/seeds.py uses greedy_style for its table.
 """
 import json
 import sys
@@ -23,25 +23,39 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
-for run in sys.argv[1:]:
+def run_lines(run):
+    """The run's task, its test manifest's lines and its predictions, in manifest order."""
     with open(f"{run}/results.json", encoding="utf-8") as f:
         config = json.load(f)["config"]
-    reference, others = FIELDS[config["task"]]
-    lines = read_jsonl(config["test"])
-    rows = read_jsonl(f"{run}/predictions.jsonl")          # in manifest order
-    lines = lines[:len(rows)]                              # --eval_limit scores the first N
-    for when in ("before", "after"):
-        if f"{when}_greedy" not in rows[0]:
-            continue
-        answers = [row[f"{when}_greedy"] for row in rows]
-        other_style = sum(any(sentence_bleu(a, [o]).score > sentence_bleu(a, [ex[reference][0]]).score
-                              for o in ex[others]) for a, ex in zip(answers, lines))
-        words = sum(len(a.split()) for a in answers) / len(answers)
-        print(f"{run} {when}: words {words:.2f}, other style {other_style} of "
-              f"{sum(bool(ex[others]) for ex in lines)}")
-        for part, has_others in (("with other renderings", True), ("one rendering", False)):
-            keep = [i for i, ex in enumerate(lines) if bool(ex[others]) == has_others]
-            scores = [sacrebleu.corpus_bleu([rows[i][f"{when}_{mode}"] for i in keep],
-                                            [[lines[i][reference][0] for i in keep]]).score
-                      for mode in ("sampled", "greedy")]
-            print(f"    {part}: {len(keep)} lines, BLEU sampled {scores[0]:.2f}, greedy {scores[1]:.2f}")
+    rows = read_jsonl(f"{run}/predictions.jsonl")
+    return config["task"], read_jsonl(config["test"])[:len(rows)], rows   # --eval_limit: the first N
+
+
+def greedy_style(run, when):
+    """Mean words of the greedy answers of the model `when` ("before" / "after"), how many
+    are in another rendering's style, and how many lines have other renderings."""
+    task, lines, rows = run_lines(run)
+    reference, others = FIELDS[task]
+    answers = [row[f"{when}_greedy"] for row in rows]
+    other_style = sum(any(sentence_bleu(a, [o]).score > sentence_bleu(a, [ex[reference][0]]).score
+                          for o in ex[others]) for a, ex in zip(answers, lines))
+    return {"words": sum(len(a.split()) for a in answers) / len(answers), "other_style": other_style,
+            "lines_with_others": sum(bool(ex[others]) for ex in lines)}
+
+
+if __name__ == "__main__":
+    for run in sys.argv[1:]:
+        task, lines, rows = run_lines(run)
+        reference, others = FIELDS[task]
+        for when in ("before", "after"):
+            if f"{when}_greedy" not in rows[0]:
+                continue
+            style = greedy_style(run, when)
+            print(f"{run} {when}: words {style['words']:.2f}, other style {style['other_style']} of "
+                  f"{style['lines_with_others']}")
+            for part, has_others in (("with other renderings", True), ("one rendering", False)):
+                keep = [i for i, ex in enumerate(lines) if bool(ex[others]) == has_others]
+                scores = [sacrebleu.corpus_bleu([rows[i][f"{when}_{mode}"] for i in keep],
+                                                [[lines[i][reference][0] for i in keep]]).score
+                          for mode in ("sampled", "greedy")]
+                print(f"    {part}: {len(keep)} lines, BLEU sampled {scores[0]:.2f}, greedy {scores[1]:.2f}")
