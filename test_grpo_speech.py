@@ -1009,6 +1009,25 @@ def test_eval_every_keeps_the_dev_best_model_and_reports_both(small_data, tmp_pa
 
 
 @pytest.mark.slow
+def test_evaluating_does_not_change_training(small_data, tmp_path):
+    """The base evaluation and --eval_every's dev evaluations fork the RNG: a run with them
+    samples the same answers and ends with the same weights as one without (docs/tuning.md
+    compares runs made both ways)."""
+    dev = write_manifest(tmp_path / "dev.jsonl", Path(small_data["test"]).read_text().splitlines()[:3])
+    plain, evaluated = tmp_path / "plain", tmp_path / "evaluated"
+    assert run_cli(small_data, plain, "--steps", "2", "--skip_base_eval", "--eval_limit", "2") == 0
+    assert run_cli(small_data, evaluated, "--steps", "2", "--eval_every", "1", "--dev", str(dev),
+                   "--eval_limit", "2") == 0
+    one, two = read_metrics(plain), read_metrics(evaluated)
+    assert [m["dev_bleu"] for m in two] and all("dev_bleu" not in m for m in one)
+    for a, b in zip(one, two):
+        assert [a[k] for k in ("loss", "grad_norm", "reward", "kl")] == [b[k] for k in ("loss", "grad_norm", "reward", "kl")]
+    from safetensors.torch import load_file
+    w1, w2 = (load_file(d / "final" / "model.safetensors") for d in (plain, evaluated))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("algo, lora", [("grpo", ()), ("sft", ()), ("grpo", ("--lora_rank", "4"))])
 def test_micro_batch_size_changes_memory_not_the_update(algo, lora, small_data, tmp_path):
     # One step: the same loss and gradient norm (a second step would sample from weights that
