@@ -1419,7 +1419,6 @@ print("rank", gs.rank(), "ok")
 def test_torchrun_on_a_fresh_clone_makes_the_toy_audio_once(tmp_path):
     """Two processes find a toy clip missing (and a stray non-JSON manifest in data/): one
     synthesizes it, the other waits; both go on."""
-    import subprocess
     example = gs.load_manifest(DATA / "ast" / "test.jsonl", "ast")[0]
     clip, stray = Path(example["audio_path"]), DATA / "ast" / "zz-stray-test.jsonl"
     original = clip.read_bytes()
